@@ -1,0 +1,23 @@
+"""The ``crystalign`` command line. Each command group lives in its own module and registers here."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="crystalign",
+    help="Steerable generative crystal structure prediction (stochastic interpolants + inference-time RL).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# --- command registrations (one line per module) ---
+from crystalign.cli import data as _data  # noqa: E402
+
+app.add_typer(_data.app, name="data")
+# --- end registrations ---
+
+
+def main() -> None:
+    app()

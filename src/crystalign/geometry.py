@@ -1,0 +1,193 @@
+"""Torus and lattice helpers, and THE validity check shared by rewards, metrics and sampling.
+
+Conventions: lattice rows are lattice vectors (ASE/pymatgen), Cartesian = frac @ lattice,
+fractional coordinates live in [0, 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from crystalign.ops import scatter_min, scatter_sum
+
+#: Benchmark validity thresholds (CDVAE/DiffCSP/OMatG convention).
+MIN_VOLUME = 0.1  # Å^3
+MIN_DISTANCE = 0.5  # Å
+MIN_POLAR_SINE = 1e-3
+
+_SHIFTS = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), dtype=torch.float64)
+
+
+def wrap(x: torch.Tensor) -> torch.Tensor:
+    """Map fractional coordinates onto [0, 1)."""
+    x = torch.remainder(x, 1.0)
+    # remainder can return exactly 1.0 for tiny negative inputs in float32
+    return torch.where(x >= 1.0, x - 1.0, x)
+
+
+def min_image(dx: torch.Tensor) -> torch.Tensor:
+    """Per-coordinate minimum image of a fractional displacement, in [-1/2, 1/2)."""
+    return torch.remainder(dx + 0.5, 1.0) - 0.5
+
+
+def unwrap(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """The periodic image of ``x1`` nearest to ``x0`` (per coordinate, fractional space)."""
+    return x0 + min_image(x1 - x0)
+
+
+def volume(lattice: torch.Tensor) -> torch.Tensor:
+    """Absolute cell volume, (B,3,3) -> (B,)."""
+    return torch.linalg.det(lattice).abs()
+
+
+def polar_sine(lattice: torch.Tensor) -> torch.Tensor:
+    """V / (a b c): 1 for orthogonal cells, 0 for flat ones."""
+    lengths = lattice.norm(dim=-1)
+    return volume(lattice) / lengths.prod(dim=-1).clamp_min(1e-30)
+
+
+def lattice_params(lattice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lengths (B,3) in Å and angles (B,3) alpha, beta, gamma in degrees."""
+    a, b, c = lattice.unbind(-2)
+    lengths = lattice.norm(dim=-1)
+
+    def angle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cos = (u * v).sum(-1) / (u.norm(dim=-1) * v.norm(dim=-1)).clamp_min(1e-30)
+        return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+    return lengths, torch.stack([angle(b, c), angle(a, c), angle(a, b)], dim=-1)
+
+
+def lattice_from_params(lengths: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
+    """Cell matrix from (a,b,c) and (alpha,beta,gamma) in degrees; ASE ``cellpar_to_cell`` orientation
+    (a along x, b in the xy plane)."""
+    al, be, ga = torch.deg2rad(angles_deg).unbind(-1)
+    a, b, c = lengths.unbind(-1)
+    cos_al, cos_be, cos_ga = torch.cos(al), torch.cos(be), torch.cos(ga)
+    sin_ga = torch.sin(ga)
+    zeros = torch.zeros_like(a)
+    va = torch.stack([a, zeros, zeros], -1)
+    vb = torch.stack([b * cos_ga, b * sin_ga, zeros], -1)
+    cx = cos_be
+    cy = (cos_al - cos_be * cos_ga) / sin_ga
+    cz = torch.sqrt((1.0 - cx**2 - cy**2).clamp_min(0.0))
+    vc = c.unsqueeze(-1) * torch.stack([cx, cy, cz], -1)
+    return torch.stack([va, vb, vc], dim=-2)
+
+
+def min_pbc_distance(
+    frac: torch.Tensor, lattice: torch.Tensor, n_atoms: torch.Tensor, chunk_pairs: int = 1 << 18
+) -> torch.Tensor:
+    """Shortest interatomic distance (Å) of every structure under periodic boundary conditions.
+
+    Includes an atom's distance to its own periodic images (the shortest lattice vector), so a
+    collapsed cell is caught even for one-atom structures. Pairs are taken minimum-image in
+    fractional space and then checked against the 27 neighbouring images, exact for cells that are
+    not extremely skewed (those fail the polar-sine test anyway).
+    """
+    device = frac.device
+    b = n_atoms.numel()
+    src, dst, pair_batch = all_pairs(n_atoms, include_self=True)
+    lat64 = lattice.to(torch.float64)
+    frac64 = frac.to(torch.float64)
+    shifts = _SHIFTS.to(device)
+    best = torch.full((b,), float("inf"), dtype=torch.float64, device=device)
+    for start in range(0, src.numel(), chunk_pairs):
+        s, d, pb = src[start : start + chunk_pairs], dst[start : start + chunk_pairs], pair_batch[start : start + chunk_pairs]
+        df = min_image(frac64[d] - frac64[s])  # (P,3)
+        cand = df.unsqueeze(1) + shifts.unsqueeze(0)  # (P,27,3)
+        cart = torch.einsum("pkj,pjl->pkl", cand, lat64[pb])
+        dist = cart.norm(dim=-1)
+        # a self pair at zero shift is the atom itself, not an image
+        self_zero = (s == d).unsqueeze(1) & (cand.abs().sum(-1) < 1e-12)
+        dist = dist.masked_fill(self_zero, float("inf")).min(dim=1).values
+        best = torch.minimum(best, scatter_min(dist, pb, b, fill=float("inf")))
+    return best.to(frac.dtype) if frac.is_floating_point() else best
+
+
+def all_pairs(n_atoms: torch.Tensor, include_self: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fully connected intra-crystal pairs (src, dst, structure index), built per structure.
+
+    With ``include_self`` every ordered pair (i, j) including i == j; otherwise i != j.
+    Cost is sum(n_i^2), never (sum n_i)^2.
+    """
+    device = n_atoms.device
+    n_atoms = n_atoms.long()
+    offsets = torch.cumsum(n_atoms, 0) - n_atoms
+    n_pairs = n_atoms * n_atoms
+    pair_batch = torch.repeat_interleave(torch.arange(n_atoms.numel(), device=device), n_pairs)
+    local = torch.arange(int(n_pairs.sum()), device=device) - torch.repeat_interleave(torch.cumsum(n_pairs, 0) - n_pairs, n_pairs)
+    n_rep = n_atoms[pair_batch]
+    i = local // n_rep
+    j = local % n_rep
+    src = offsets[pair_batch] + i
+    dst = offsets[pair_batch] + j
+    if not include_self:
+        keep = i != j
+        src, dst, pair_batch = src[keep], dst[keep], pair_batch[keep]
+    return src, dst, pair_batch
+
+
+@dataclass(frozen=True)
+class ValidityThresholds:
+    min_volume: float = MIN_VOLUME
+    min_distance: float = MIN_DISTANCE
+    min_polar_sine: float = MIN_POLAR_SINE
+
+
+@dataclass
+class ValidityReport:
+    """Per-structure validity with the reason for every failure."""
+
+    valid: torch.Tensor  # (B,) bool
+    volume: torch.Tensor  # (B,) Å^3
+    min_distance: torch.Tensor  # (B,) Å
+    polar_sine: torch.Tensor  # (B,)
+
+    def reasons(self, thresholds: ValidityThresholds = ValidityThresholds()) -> list[str]:
+        out = []
+        for v, d, p, ok in zip(self.volume.tolist(), self.min_distance.tolist(), self.polar_sine.tolist(), self.valid.tolist()):
+            if ok:
+                out.append("")
+                continue
+            why = []
+            if not (v >= thresholds.min_volume):
+                why.append(f"volume {v:.3g} Å^3 < {thresholds.min_volume}")
+            if not (d >= thresholds.min_distance):
+                why.append(f"min distance {d:.3g} Å < {thresholds.min_distance}")
+            if not (p >= thresholds.min_polar_sine):
+                why.append(f"polar sine {p:.3g} < {thresholds.min_polar_sine}")
+            out.append("; ".join(why) or "non-finite geometry")
+        return out
+
+
+def check_validity(
+    frac: torch.Tensor,
+    lattice: torch.Tensor,
+    n_atoms: torch.Tensor,
+    thresholds: ValidityThresholds = ValidityThresholds(),
+) -> ValidityReport:
+    """The single validity check: volume, minimum PBC distance and polar sine, vectorised.
+
+    Non-finite coordinates or lattices are invalid. Never raises on degenerate geometry.
+    """
+    finite_lat = torch.isfinite(lattice).flatten(1).all(-1)
+    batch = torch.repeat_interleave(torch.arange(n_atoms.numel(), device=frac.device), n_atoms.long())
+    bad_atoms = (~torch.isfinite(frac).all(-1)).to(torch.long)
+    finite_pos = scatter_sum(bad_atoms, batch, n_atoms.numel()) == 0
+    safe_lat = torch.where(finite_lat[:, None, None], lattice, torch.zeros_like(lattice))
+    safe_frac = torch.where(torch.isfinite(frac), frac, torch.zeros_like(frac))
+    vol = volume(safe_lat)
+    ps = polar_sine(safe_lat)
+    md = min_pbc_distance(safe_frac, safe_lat, n_atoms)
+    valid = (
+        finite_lat
+        & finite_pos
+        & (vol >= thresholds.min_volume)
+        & (ps >= thresholds.min_polar_sine)
+        & (md >= thresholds.min_distance)
+    )
+    return ValidityReport(valid=valid, volume=vol, min_distance=md, polar_sine=ps)
