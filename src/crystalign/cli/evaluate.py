@@ -1,0 +1,197 @@
+"""``crystalign evaluate``: CSP metrics of generated structures against references.
+
+Inputs and their order (pairing is by index, see :mod:`crystalign.metrics`):
+
+* a folder of CIFs, read in plain lexicographic order of the file names, so name files with
+  zero-padded indices: ``000000.cif, 000001.cif, ...`` or, with k samples per reference,
+  ``000000_00.cif ... 000000_07.cif, 000001_00.cif ...``. Names whose numbers are not padded
+  (``1_10.cif`` sorting before ``1_2.cif``) are refused rather than silently mispaired.
+  If the folder holds ``index.json`` (a JSON list of file names relative to the folder, or
+  ``{"files": [...]}``), that order is used instead; a ``null`` entry marks a failed generation
+  and counts as invalid.
+* an extended XYZ file (``.extxyz``/``.xyz``), structures in file order;
+* a single CIF file, data blocks in order;
+* references only: a CDVAE-style CSV with a ``cif`` column (rows in file order) or an OMatG LMDB.
+
+Generated files that cannot be read count as invalid structures; unreadable references are an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import typer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pymatgen.core import Structure
+
+EXAMPLE = """\
+Example:
+
+  crystalign evaluate samples/ -r perov_5/test.csv -k 4 --json --out metrics.json
+
+samples/ holds 000000_00.cif, 000000_01.cif, ... (or an index.json listing the files in order);
+sample j of reference i is file number i*k + j.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``evaluate`` command to ``app``."""
+    app.command("evaluate", epilog=EXAMPLE, no_args_is_help=True)(evaluate)
+
+
+def evaluate(
+    generated: Path = typer.Argument(
+        ..., exists=True, help="Folder of CIFs (zero-padded names or index.json), an extxyz file or a CIF file."
+    ),
+    reference: Path = typer.Option(
+        ..., "--reference", "-r", exists=True, help="References: CSV with a 'cif' column, CIF folder, extxyz or LMDB."
+    ),
+    k: Optional[int] = typer.Option(
+        None, "-k", min=1, help="Samples per reference (contiguous). Default: #generated / #references."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of text."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=0, help="Matching processes (default min(2, CPUs); 0 = in this process)."
+    ),
+    timeout: float = typer.Option(
+        60.0, "--timeout", min=0.0, help="Per-pair time limit in seconds (0 = none). Timed-out pairs count as misses."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics with per-pair details to this JSON file."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+) -> None:
+    """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs)."""
+    from crystalign.io import write_json
+    from crystalign.metrics import csp_metrics
+
+    try:
+        gen, gen_names = load_structures(generated, tolerate_unreadable=True)
+        ref, _ = load_structures(reference, tolerate_unreadable=False)
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    unreadable = [name for s, name in zip(gen, gen_names) if s is None]
+    if unreadable:
+        typer.echo(f"{len(unreadable)} generated structure(s) unreadable, counted invalid: {', '.join(unreadable[:10])}", err=True)
+    try:
+        result = csp_metrics(
+            gen, ref, k=k, n_workers=workers, timeout=timeout or None, progress=progress
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if out is not None:
+        write_json(out, result.to_dict(details=True))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo(result.summary())
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def load_structures(path: Path, tolerate_unreadable: bool = False) -> tuple[list["Structure | None"], list[str]]:
+    """Structures and their names, in pairing order.
+
+    Generated sets (``tolerate_unreadable=True``) keep every index: an entry that cannot be read, or
+    an index.json ``null``, becomes ``None`` (counted invalid), and degenerate cells are kept for the
+    validity check to judge. References are read strictly, files through :mod:`crystalign.data.readers`.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / "data.mdb").exists():
+        return _load_cif_folder(path, tolerate_unreadable)
+    suffix = path.suffix.lower()
+    if tolerate_unreadable:
+        if suffix in (".extxyz", ".xyz"):
+            return _load_extxyz_tolerant(path)
+        if suffix == ".cif":
+            from crystalign.data.cif import split_cif_blocks
+
+            blocks = split_cif_blocks(path.read_text(errors="replace"))
+            return _from_cif_texts([text for _, text in blocks], [f"{path.name}:{b}" for b, _ in blocks], True)
+    from crystalign.data.readers import read_structures
+
+    ds = read_structures(path)
+    return ds.batch.to_structures(), ds.ids
+
+
+def _natural_key(name: str):
+    return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name)]
+
+
+def _folder_listing(folder: Path) -> list[str | None]:
+    index = folder / "index.json"
+    if index.exists():
+        listing = json.loads(index.read_text())
+        if isinstance(listing, dict):
+            listing = listing.get("files")
+        if not isinstance(listing, list) or not all(f is None or isinstance(f, str) for f in listing):
+            raise ValueError(f"{index}: expected a JSON list of file names (or null) or {{'files': [...]}}")
+        return listing
+    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".cif" and p.is_file())
+    if not names:
+        raise ValueError(f"{folder}: no .cif files and no index.json")
+    if names != sorted(names, key=_natural_key):
+        raise ValueError(
+            f"{folder}: CIF names are not zero-padded, so their lexicographic order is not their index order "
+            f"(e.g. {names[:3]}); rename them (000000_00.cif, ...) or add an index.json listing them in order"
+        )
+    return names
+
+
+def _load_cif_folder(folder: Path, tolerate_unreadable: bool):
+    listing = _folder_listing(folder)
+    texts = []
+    for name in listing:
+        if name is None:  # a failed generation recorded in index.json
+            texts.append("")
+            continue
+        try:
+            texts.append((folder / name).read_text(errors="replace"))
+        except OSError as exc:
+            if not tolerate_unreadable:
+                raise ValueError(f"{folder / name}: {exc}") from exc
+            texts.append("")
+    return _from_cif_texts(texts, [str(n) for n in listing], tolerate_unreadable)
+
+
+def _from_cif_texts(texts: list[str], names: list[str], tolerate_unreadable: bool):
+    from crystalign.data.cif import parse_cif_texts
+
+    parsed = parse_cif_texts(texts)
+    if parsed.errors and not tolerate_unreadable:
+        i = min(parsed.errors)
+        raise ValueError(f"cannot read {names[i]}: {parsed.errors[i]}")
+    structures = [
+        None if z is None else _structure(lat, z, f) for z, f, lat in zip(parsed.numbers, parsed.frac, parsed.lattice)
+    ]
+    return structures, names
+
+
+def _structure(lattice: np.ndarray, numbers, frac: np.ndarray) -> "Structure | None":
+    from pymatgen.core import Lattice, Structure
+
+    try:
+        return Structure(Lattice(lattice), list(numbers), frac, coords_are_cartesian=False)
+    except Exception:  # e.g. atomic number 0 from an unfinished sample
+        return None
+
+
+def _load_extxyz_tolerant(path: Path):
+    from ase.io import read
+
+    frames = read(path, index=":", format="extxyz")
+    structures = []
+    for atoms in frames:
+        cell = np.asarray(atoms.cell.array, dtype=np.float64)
+        pos = np.asarray(atoms.positions, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            try:
+                frac = np.linalg.solve(cell.T, pos.T).T  # positions = frac @ cell
+            except np.linalg.LinAlgError:
+                frac = pos @ np.linalg.pinv(cell)  # collapsed cell: kept so it is counted invalid
+        structures.append(_structure(cell, atoms.numbers, frac))
+    return structures, [f"{path.name}[{i}]" for i in range(len(frames))]

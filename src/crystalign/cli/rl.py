@@ -1,0 +1,199 @@
+"""``crystalign rl fit | sample | plot-schedule``: inference-time RL on a base model's velocity field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from crystalign.cli.generate import _fail, resolve_config
+
+app = typer.Typer(help="Inference-time reinforcement learning (OMatG-IRL) on a base model.", no_args_is_help=True)
+
+
+def load_rl_compositions(cfg, data_root: str | None = None):
+    """(train, held-out) composition batches from the RL config's dataset, seeded split."""
+    from crystalign.training import DataConfig, load_training_data
+
+    d = cfg.data
+    train, hold, _ = load_training_data(
+        DataConfig(dataset=d.dataset, split=d.split, holdout_fraction=d.holdout_fraction, split_seed=d.split_seed, niggli=d.niggli, max_structures=d.max_structures),
+        data_root,
+    )
+    return train, hold
+
+
+@app.command("fit")
+def fit_cmd(
+    config: Path = typer.Argument(..., help="RL YAML config (shipped presets: rl_perov_5_velocity_cpu, ...)."),
+    base_checkpoint: str = typer.Option(..., "--base-checkpoint", "-b", help="Base model: shipped name or checkpoint path."),
+    out: Path = typer.Option(Path("runs/rl"), "--out", "-o"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (no iteration is lost)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root"),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html at the end."),
+) -> None:
+    """Reinforce a base model toward a reward.
+
+    Example: crystalign rl fit rl_perov_5_velocity_cpu --base-checkpoint perov_5 --out runs/rl_perov
+    """
+    from crystalign.config import ConfigError, load_config
+    from crystalign.generator import Generator
+    from crystalign.rewards import make_reward
+    from crystalign.rl.loop import Policy, RLConfig, RLDivergedError, RLTrainer, load_scale_model
+
+    try:
+        cfg = load_config(resolve_config(config), RLConfig)
+    except (ConfigError, ValueError) as err:
+        _fail(str(err))
+    if iterations is not None:
+        cfg.iterations = iterations
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    try:
+        base = Generator.load(base_checkpoint).to(cfg.device)
+        train, hold = load_rl_compositions(cfg, str(data_root) if data_root else None)
+        reward = make_reward(cfg.reward)
+        policy = Policy(base, cfg, scale_model=load_scale_model(cfg.scale_model)).to(cfg.device)
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        _fail(str(err))
+    trainer = RLTrainer(policy, reward, cfg, train.to(cfg.device, dtype=torch.float32), hold.to(cfg.device, dtype=torch.float32))
+    try:
+        history = trainer.fit(out, resume=resume)
+    except RLDivergedError as err:
+        _fail(f"{err}. Last good checkpoint: {out / 'last.pt'}", code=3)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    if report:
+        write_rl_report(out, trainer)
+    last = history[-1] if history else {}
+    typer.echo(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}, indent=2))
+
+
+def write_rl_report(out: Path, trainer) -> None:
+    from crystalign.report import write_report
+
+    hist = trainer.history
+    summary = {
+        "title": "RL fit",
+        "variant": trainer.config.variant,
+        "iterations": trainer.iteration,
+        "reward": str(trainer.config.reward),
+        "seed": trainer.config.seed,
+    }
+    write_report(out, title="crystalign rl fit", summary=summary, candidates=[], history=hist, schedule=schedule_of(trainer.policy))
+
+
+def schedule_of(policy, points: int = 101) -> dict:
+    """Learned s(t) and σ(t) on a grid, for plots and reports."""
+    t = torch.linspace(1e-3, 0.999, points)
+    out: dict = {"t": t.tolist()}
+    with torch.no_grad():
+        if policy.scale is not None:
+            s = policy.scale(t)
+            out["pos_s"], out["cell_s"] = s["pos_s"].tolist(), s["cell_s"].tolist()
+        for f, tr in policy.transitions.items():
+            out[f"{f}_sigma"] = tr.noise(t).tolist()
+    return out
+
+
+@app.command("sample")
+def sample_cmd(
+    checkpoint: Path = typer.Argument(..., help="RL checkpoint (OUT/best.pt or OUT/last.pt of rl fit)."),
+    composition: Optional[list[str]] = typer.Option(None, "--composition", "-c"),
+    compositions_from: Optional[Path] = typer.Option(None, "--compositions-from"),
+    n: int = typer.Option(1, "-n"),
+    k: int = typer.Option(1, "-k"),
+    out: Path = typer.Option(Path("rl_samples"), "--out", "-o"),
+    no_noise: bool = typer.Option(False, "--no-noise", help="Deterministic mean path instead of the trained stochastic policy."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Time points (default: as trained)."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+) -> None:
+    """Sample the reinforced policy.
+
+    Example: crystalign rl sample runs/rl_perov/best.pt --composition SrTiO3 -n 16 --out rl_samples/
+    """
+    from crystalign.generator import composition_batch
+    from crystalign.rl.loop import load_policy
+
+    if (composition is None) == (compositions_from is None):
+        _fail("give either --composition or --compositions-from")
+    try:
+        policy, state = load_policy(checkpoint)
+        if composition:
+            template = composition_batch(composition, n, max_atoms=policy.reference.config.max_atoms)
+        else:
+            from crystalign.data import read_structures
+
+            ref = read_structures(compositions_from)
+            template = ref.batch.repeat_interleave(k)
+            template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    batch = sample_policy(policy, template, steps or policy.config.steps, seed, batch_size, noise=not no_noise)
+    write_structures(out, batch, {"checkpoint": str(checkpoint), "iteration": state["iteration"], "seed": seed, "noise": not no_noise, "steps": steps or policy.config.steps})
+    typer.echo(f"wrote {batch.num_structures} structures to {out}")
+
+
+def sample_policy(policy, template, steps: int, seed: int, batch_size: int = 256, noise: bool = True):
+    from tqdm import tqdm
+
+    from crystalign.crystal import CrystalBatch
+    from crystalign.rl.loop import rollout
+
+    g = torch.Generator().manual_seed(seed)
+    template = template.to(dtype=torch.float32)
+    parts = []
+    for part in tqdm(list(template.split(batch_size)), desc="sampling", unit="batch", disable=None):
+        parts.append(rollout(policy, part, steps, g, store=False, noise=noise).final)
+    return CrystalBatch.cat(parts)
+
+
+def write_structures(out: Path, batch, record: dict) -> None:
+    """CIFs (one per structure), one extxyz and a JSON record, all written atomically."""
+    from ase.io import write as ase_write
+
+    from crystalign.io import atomic_path, write_json, write_text
+    from crystalign.training import versions
+
+    out.mkdir(parents=True, exist_ok=True)
+    ids = batch.ids or [f"{i:06d}" for i in range(batch.num_structures)]
+    names = []
+    valid = batch.validity().valid.tolist()
+    for sid, s in zip(ids, batch.to_structures()):
+        write_text(out / f"{sid}.cif", s.to(fmt="cif"))
+        names.append(f"{sid}.cif")
+    with atomic_path(out / "structures.extxyz") as tmp:
+        ase_write(tmp, batch.to_atoms(), format="extxyz")
+    write_json(out / "index.json", names)
+    write_json(out / "samples.json", {**record, "n": len(names), "valid_fraction": sum(valid) / max(len(valid), 1), "files": names, "versions": versions()})
+
+
+@app.command("plot-schedule")
+def plot_schedule_cmd(
+    checkpoint: Path = typer.Argument(..., help="RL checkpoint."),
+    out: Path = typer.Option(Path("schedule.png"), "--out", "-o"),
+) -> None:
+    """Plot the learned s(t) (velocity annealing) and σ(t) as a PNG.
+
+    Example: crystalign rl plot-schedule runs/rl_scale/best.pt --out schedule.png
+    """
+    from crystalign.report import plot_schedule
+    from crystalign.rl.loop import load_policy
+
+    try:
+        policy, _ = load_policy(checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    plot_schedule(schedule_of(policy), out)
+    typer.echo(f"wrote {out}")
+
+
+def register(parent: typer.Typer) -> None:
+    parent.add_typer(app, name="rl")
+

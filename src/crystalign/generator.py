@@ -1,0 +1,229 @@
+"""The base generative model as one object: network + interpolants + base distribution + sampler defaults.
+
+This is what a checkpoint holds and what sampling, RL and ``predict`` load.
+
+Example::
+
+    gen = Generator.load("perov_5")                     # shipped model name or checkpoint path
+    structures = gen.sample_compositions(["SrTiO3"], n=8, steps=50, seed=0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from crystalign.config import from_dict, to_dict
+from crystalign.crystal import MAX_ATOMIC_NUMBER, CrystalBatch
+from crystalign.distributions import BaseDistribution
+from crystalign.interpolants import Interpolants
+from crystalign.model.cspnet import CSPNet, CSPNetConfig
+from crystalign.sampling import Sampler, SamplerConfig
+
+CHECKPOINT_FORMAT = "crystalign-generator"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class BaseConfig:
+    """Lattice log-normal parameters: a preset name (e.g. ``perov_5``) or ``fit`` (from the training data)."""
+
+    lattice: str = "fit"
+    mu: list[float] | None = None
+    s: list[float] | None = None
+
+
+@dataclass
+class GeneratorConfig:
+    net: CSPNetConfig = field(default_factory=CSPNetConfig.small)
+    interpolants: dict[str, Any] = field(
+        default_factory=lambda: {"pos": {"path": "linear", "periodic": True, "correct_com": True}, "cell": {"path": "linear"}}
+    )
+    base: BaseConfig = field(default_factory=BaseConfig)
+    sampling: SamplerConfig = field(default_factory=SamplerConfig)
+    max_atoms: int = 64
+
+
+class Generator(torch.nn.Module):
+    """Network + interpolants + base distribution, saved and loaded together."""
+
+    def __init__(self, config: GeneratorConfig, base: BaseDistribution, coverage: dict[str, Any] | None = None):
+        super().__init__()
+        self.config = config
+        self.net = CSPNet(config.net)
+        self.interpolants = Interpolants.from_config(config.interpolants)
+        self.base = base
+        #: training coverage: elements and atom counts seen (for out-of-coverage warnings)
+        self.coverage = coverage or {}
+        self._freeze_unused_heads()
+
+    def _freeze_unused_heads(self) -> None:
+        """Heads no loss trains (η of ODE fields, species logits in CSP) get no gradients.
+
+        Besides saving optimiser state, DDP requires every trainable parameter to receive a gradient;
+        otherwise its buckets are not all-reduced and ranks drift apart.
+        """
+        unused = [] if self.net.config.dng else [self.net.type_out, self.net.type_out_2]
+        if not self.interpolants["pos"].uses_denoiser:
+            unused.append(self.net.coord_out_2)
+        if not self.interpolants["cell"].uses_denoiser:
+            unused.append(self.net.lattice_out_2)
+        for module in unused:
+            module.requires_grad_(False)
+
+    # ------------------------------------------------------------------ sampling
+    def base_sample(self, species: torch.Tensor, n_atoms: torch.Tensor, generator: torch.Generator | None = None) -> CrystalBatch:
+        p = next(self.net.parameters())
+        return self.base.sample(species.to(p.device), n_atoms.to(p.device), generator=generator, dtype=p.dtype, device=p.device)
+
+    def sampler(self, **overrides) -> Sampler:
+        cfg = to_dict(self.config.sampling)
+        cfg.update({k: v for k, v in overrides.items() if v is not None})
+        return Sampler(self.net, self.interpolants, SamplerConfig(**cfg))
+
+    @torch.no_grad()
+    def sample(self, template: CrystalBatch, seed: int | None = None, generator: torch.Generator | None = None, **sampler_overrides) -> CrystalBatch:
+        """New structures with the compositions (species, n_atoms) of ``template``."""
+        if generator is None:
+            generator = torch.Generator(device=next(self.net.parameters()).device)
+            if seed is not None:
+                generator.manual_seed(seed)
+        x0 = self.base_sample(template.species, template.n_atoms, generator)
+        out = self.sampler(**sampler_overrides).sample(x0, generator=generator)
+        return out.replace(ids=template.ids)
+
+    def sample_compositions(self, compositions: Sequence[str], n: int = 1, seed: int | None = 0, batch_size: int = 256, **sampler_overrides):
+        """pymatgen Structures: ``n`` per composition, in order (composition-major)."""
+        template = composition_batch(compositions, n, max_atoms=self.config.max_atoms)
+        out = [self.sample(part, seed=None if seed is None else seed + i, **sampler_overrides) for i, part in enumerate(template.split(batch_size))]
+        return CrystalBatch.cat(out).to_structures()
+
+    # ------------------------------------------------------------------ persistence
+    def checkpoint_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "config": to_dict(self.config),
+            "base": self.base.to_config(),
+            "coverage": self.coverage,
+            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            **(extra or {}),
+        }
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict[str, Any], where: str = "checkpoint") -> "Generator":
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{where}: not a crystalign generator checkpoint (format={ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
+        version = ckpt.get("format_version")
+        if version != CHECKPOINT_VERSION:
+            raise ValueError(f"{where}: checkpoint format version {version} is not supported by this crystalign (expects {CHECKPOINT_VERSION})")
+        config = from_dict(GeneratorConfig, ckpt["config"], where=f"{where}:config")
+        gen = cls(config, BaseDistribution.from_config(ckpt["base"]), coverage=ckpt.get("coverage"))
+        missing, unexpected = gen.net.load_state_dict(ckpt["state_dict"], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{where}: network weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        gen.eval()
+        return gen
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu") -> "Generator":
+        """Load a shipped model by name or a checkpoint file (a training checkpoint or an exported model)."""
+        path = resolve_model(name_or_path)
+        ckpt = load_checkpoint_file(path, map_location)
+        if "generator" in ckpt and isinstance(ckpt["generator"], dict):  # a Lightning training checkpoint
+            ckpt = ckpt["generator"]
+        return cls.from_checkpoint_dict(ckpt, where=str(path))
+
+    def model_hash(self) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(self.net.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True`` and a clear error for corrupted files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a corrupt file
+        raise ValueError(f"{path}: cannot read checkpoint (corrupted or not a crystalign checkpoint): {err}") from None
+
+
+def pretrained_dir() -> Path:
+    return Path(__file__).parent / "pretrained"
+
+
+def shipped_models() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(pretrained_dir().glob("*.pt"))}
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    models = shipped_models()
+    if str(name_or_path) in models:
+        return models[str(name_or_path)]
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    raise FileNotFoundError(f"unknown model {name_or_path!r}: not a shipped model ({', '.join(models) or 'none'}) nor an existing file")
+
+
+# ---------------------------------------------------------------------- compositions
+_FORMULA_CHARS = re.compile(r"^[A-Za-z0-9().\s]+$")
+
+
+def parse_composition(formula: str, max_atoms: int | None = None) -> list[int]:
+    """Atomic numbers of one cell of ``formula`` (e.g. ``SrTiO3`` -> [38, 22, 8, 8, 8]).
+
+    Raises ValueError naming the formula for unknown elements, fractional counts or too many atoms.
+    """
+    from pymatgen.core import Composition
+
+    text = (formula or "").strip()
+    if not text or not _FORMULA_CHARS.match(text):
+        raise ValueError(f"cannot parse composition {formula!r}: expected a formula such as SrTiO3")
+    try:
+        comp = Composition(text)
+    except Exception as err:  # noqa: BLE001 - pymatgen raises several kinds
+        raise ValueError(f"cannot parse composition {formula!r}: {err}") from None
+    if comp.num_atoms == 0:
+        raise ValueError(f"composition {formula!r} has no atoms")
+    species: list[int] = []
+    for el, amt in comp.items():
+        if not hasattr(el, "Z") or getattr(el, "is_dummy", False) or el.Z < 1 or el.Z > MAX_ATOMIC_NUMBER:
+            raise ValueError(f"composition {formula!r}: unknown or unsupported element {el}")
+        if abs(amt - round(amt)) > 1e-6:
+            raise ValueError(f"composition {formula!r}: fractional count {amt} of {el}; give integer counts per cell")
+        species += [el.Z] * int(round(amt))
+    if max_atoms is not None and len(species) > max_atoms:
+        raise ValueError(f"composition {formula!r} has {len(species)} atoms, more than this model's maximum of {max_atoms}")
+    return sorted(species)
+
+
+def composition_batch(compositions: Sequence[str], n: int = 1, max_atoms: int | None = None) -> CrystalBatch:
+    """A template batch (species and atom counts only) with ``n`` copies of each composition, contiguous."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    species, counts, ids = [], [], []
+    for formula in compositions:
+        z = parse_composition(formula, max_atoms)
+        for j in range(n):
+            species.append(torch.tensor(z))
+            counts.append(len(z))
+            ids.append(f"{formula}_{j}")
+    total = sum(counts)
+    return CrystalBatch(
+        species=torch.cat(species),
+        frac=torch.zeros(total, 3),
+        lattice=torch.eye(3).repeat(len(counts), 1, 1),
+        n_atoms=torch.tensor(counts),
+        ids=ids,
+    )

@@ -1,0 +1,164 @@
+"""crystalign model checkpoints: one torch file, loadable with ``weights_only=True``.
+
+Layout::
+
+    {"format": "crystalign-model", "format_version": 1,
+     "model_config": {...CSPNetConfig...}, "state_dict": {name: tensor},
+     "source": {...} or None, "extra": {...}}
+
+Everything besides tensors is plain Python data (str, int, float, bool, None, lists, dicts), so
+loading never unpickles code.
+
+Example::
+
+    save_model_checkpoint("net.pt", net, {"dataset": "perov_5"})
+    net, meta = load_model_checkpoint("net.pt")
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crystalign.config import ConfigError, from_dict
+from crystalign.io import save_torch
+from crystalign.model.cspnet import CSPNet, CSPNetConfig
+
+FORMAT = "crystalign-model"
+FORMAT_VERSION = 1
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is unreadable, of the wrong kind, too new, or does not fit the model."""
+
+
+class PickledObjectsError(CheckpointError):
+    """The file pickles Python objects (not just tensors and plain data); they are not loaded."""
+
+
+def _check_plain(value: Any, where: str) -> None:
+    # reject objects at save time: they would make the file unloadable with weights_only=True
+    if isinstance(value, _PLAIN) or isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: keys must be str or int, got {type(k).__name__}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where}: {type(value).__name__} cannot be stored in a checkpoint; use plain Python data")
+
+
+def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_model_checkpoint(
+    path: str | os.PathLike,
+    model: CSPNet,
+    extra: dict[str, Any] | None = None,
+    *,
+    source: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model`` (weights + config) atomically; ``extra``/``source``: plain metadata."""
+    extra = dict(extra or {})
+    _check_plain(extra, "extra")
+    _check_plain(source, "source")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": model.config.to_dict(),
+        "state_dict": state_dict_cpu(model),
+        "source": source,
+        "extra": extra,
+    }
+    save_torch(path, payload)
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU with errors that say what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise PickledObjectsError(
+            f"{path} holds Python objects besides tensors and plain data, which are not loaded for safety "
+            f"({str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(f"{path} is corrupted, truncated or not a torch checkpoint: {err}") from err
+
+
+def load_model_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[CSPNet, dict[str, Any]]:
+    """The model stored by :func:`save_model_checkpoint` (in eval mode) and its metadata
+    (every top-level entry except ``state_dict``)."""
+    path = Path(path)
+    ckpt = read_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        hint = ""
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+            if any(str(k).startswith("model.encoder.") for k in ckpt["state_dict"]):
+                hint = f"; it looks like an OMatG Lightning checkpoint: convert it with `crystalign import-omatg {path} --out OUT.pt`"
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format: {found!r}){hint}")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer crystalign (format_version {version}, this version reads up to "
+            f"{FORMAT_VERSION}); upgrade crystalign to load it"
+        )
+    try:
+        config = from_dict(CSPNetConfig, ckpt.get("model_config"), "model_config")
+    except (ConfigError, ValueError) as err:
+        raise CheckpointError(f"{path}: bad model_config: {err}") from err
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: missing state_dict")
+    model = CSPNet(config)
+    check_state_dict(state, model, what=str(path))
+    model.load_state_dict(state)
+    model.to(map_location).eval()
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model, meta
+
+
+def check_state_dict(state: dict[str, Any], model: torch.nn.Module, what: str = "state dict") -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected and wrongly shaped entries."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = []
+    for name in sorted(set(expected) & set(state)):
+        value = state[name]
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{name}: not a tensor ({type(value).__name__})")
+        elif tuple(value.shape) != expected[name]:
+            wrong.append(f"{name}: shape {tuple(value.shape)}, expected {expected[name]}")
+        elif not value.is_floating_point():
+            wrong.append(f"{name}: dtype {value.dtype}, expected floating point")
+    if missing or unexpected or wrong:
+        lines = [f"{what} does not match the model:"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}")
+        if wrong:
+            lines.append(f"  mismatched ({len(wrong)}):\n    " + "\n    ".join(wrong))
+        raise CheckpointError("\n".join(lines))

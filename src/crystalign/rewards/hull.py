@@ -1,0 +1,335 @@
+"""Energy above the convex hull, against a reference hull computed with the SAME MLIP.
+
+Energies from different potentials are not comparable, so the hull file records which backend and model made it,
+and the reward refuses a different one. The hull is built from reference structures (e.g. a training set) plus
+elemental references; elements the references lack can be added automatically (see :func:`elemental_candidates`).
+
+Example::
+
+    hull = build_hull(structures, backend="sevenn", out="hull.json")     # or: crystalign hull build refs.csv
+    reward = EnergyAboveHullReward("hull.json")
+    reward(batch).info["e_above_hull_ev_per_atom"]
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from crystalign.geometry import ValidityThresholds
+from crystalign.rewards.base import RewardResult, as_tensor, coerce_thresholds
+from crystalign.rewards.energy import MAX_ENERGY_PER_ATOM, MAX_NUMBER_DENSITY, MIN_ENERGY_PER_ATOM, screened_energies
+from crystalign.rewards.mlip import MLIPBackend, get_backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pymatgen.analysis.phase_diagram import PhaseDiagram
+    from pymatgen.core import Structure
+
+    from crystalign.crystal import CrystalBatch
+
+HULL_FORMAT = "crystalign-hull"
+HULL_VERSION = 1
+
+# diatomic molecular elements: a dimer in a box (bond lengths in Å) stands in for the molecular crystal
+_DIMER_BONDS = {"H": 0.74, "N": 1.10, "O": 1.21, "F": 1.42, "Cl": 1.99, "Br": 2.28, "I": 2.67}
+_DIMER_BOX = 10.0
+# nearest-neighbour distance = scale * 2 * covalent radius, for elements ASE has no crystal reference for
+_PROTOTYPE_SCALES = (0.9, 1.0, 1.1, 1.2)
+
+
+@dataclass
+class HullEntry:
+    """One reference phase: composition (element -> amount) and its total MLIP energy in eV."""
+
+    composition: dict[str, float]
+    energy_ev: float
+    id: str = ""
+
+    @property
+    def elements(self) -> frozenset[str]:
+        return frozenset(el for el, amt in self.composition.items() if amt > 0)
+
+    @property
+    def energy_per_atom_ev(self) -> float:
+        return self.energy_ev / sum(self.composition.values())
+
+
+@dataclass
+class ReferenceHull:
+    """Reference entries plus the backend identity that produced them; phase diagrams are cached per system."""
+
+    entries: list[HullEntry]
+    backend: dict[str, str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    max_cached_systems: int = 4096
+
+    def __post_init__(self) -> None:
+        self._pd_cache: OrderedDict[frozenset[str], "PhaseDiagram | None"] = OrderedDict()
+        self._elemental = frozenset(next(iter(e.elements)) for e in self.entries if len(e.elements) == 1)
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": HULL_FORMAT,
+            "version": HULL_VERSION,
+            "backend": dict(self.backend),
+            "meta": self.meta,
+            "entries": [{"id": e.id, "composition": e.composition, "energy_ev": e.energy_ev} for e in self.entries],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        from crystalign.io import write_json
+
+        write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReferenceHull":
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"hull file not found: {path} (build one with `crystalign hull build`)") from None
+        if not isinstance(data, dict) or data.get("format") != HULL_FORMAT:
+            raise ValueError(f"{path}: not a crystalign hull file (missing \"format\": \"{HULL_FORMAT}\")")
+        if data.get("version") != HULL_VERSION:
+            raise ValueError(f"{path}: hull file version {data.get('version')} is not supported (expected {HULL_VERSION})")
+        for key in ("backend", "entries"):
+            if key not in data:
+                raise ValueError(f"{path}: hull file lacks the {key!r} key")
+        entries = [
+            HullEntry({str(k): float(v) for k, v in e["composition"].items()}, float(e["energy_ev"]), str(e.get("id", "")))
+            for e in data["entries"]
+        ]
+        return cls(entries, {str(k): str(v) for k, v in data["backend"].items()}, data.get("meta", {}))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def elements(self) -> frozenset[str]:
+        """Elements that have an elemental reference, i.e. that the hull covers."""
+        return self._elemental
+
+    def phase_diagram(self, elements: frozenset[str]) -> "PhaseDiagram | None":
+        """The PhaseDiagram of the entries whose elements are a subset of ``elements``; None if an element has
+        no elemental reference."""
+        elements = frozenset(elements)
+        if elements in self._pd_cache:
+            self._pd_cache.move_to_end(elements)
+            return self._pd_cache[elements]
+        pd = None
+        if elements <= self._elemental:
+            from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+            from pymatgen.core import Composition, Element
+
+            entries = [PDEntry(Composition(e.composition), e.energy_ev, name=e.id) for e in self.entries if e.elements <= elements]
+            pd = PhaseDiagram(entries, elements=[Element(el) for el in sorted(elements)])
+        self._pd_cache[elements] = pd
+        if len(self._pd_cache) > self.max_cached_systems:
+            self._pd_cache.popitem(last=False)
+        return pd
+
+    def e_above_hull(self, composition: Mapping[str, float], energy_ev: float) -> float:
+        """eV/atom above the hull (negative below it); NaN if the system is not covered."""
+        from pymatgen.analysis.phase_diagram import PDEntry
+        from pymatgen.core import Composition
+
+        comp = Composition(dict(composition))
+        pd = self.phase_diagram(frozenset(el.symbol for el in comp.elements))
+        if pd is None:
+            return float("nan")
+        return float(pd.get_e_above_hull(PDEntry(comp, energy_ev), allow_negative=True))
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def elemental_candidates(symbol: str) -> list[tuple[str, "Structure"]]:
+    """Unrelaxed stand-ins for an element's ground state, (label, structure) pairs; the lowest MLIP energy is kept.
+
+    ASE's reference crystal where it has one (experimental lattice constants), a dimer in a box for the diatomic
+    molecular elements, else simple fcc/bcc/sc/diamond prototypes over a few volumes. These are upper bounds on the
+    true elemental energy: supply relaxed elemental structures in the references when accuracy matters.
+    """
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.data import atomic_numbers, covalent_radii
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if symbol in _DIMER_BONDS:
+        d = _DIMER_BONDS[symbol]
+        atoms = Atoms(symbol * 2, positions=[[0, 0, 0], [0, 0, d]], cell=[_DIMER_BOX] * 3, pbc=True)
+        return [(f"{symbol}2-dimer", AseAtomsAdaptor.get_structure(atoms))]
+    try:
+        return [(f"{symbol}-ase-reference", AseAtomsAdaptor.get_structure(bulk(symbol)))]
+    except (ValueError, RuntimeError, KeyError):
+        pass
+    d0 = 2.0 * covalent_radii[atomic_numbers[symbol]]
+    out = []
+    for scale in _PROTOTYPE_SCALES:
+        d = scale * d0
+        for kind, a in (("fcc", d * 2**0.5), ("bcc", 2 * d / 3**0.5), ("sc", d), ("diamond", 4 * d / 3**0.5)):
+            out.append((f"{symbol}-{kind}-{scale:g}", AseAtomsAdaptor.get_structure(bulk(symbol, kind, a=a))))
+    return out
+
+
+def build_hull(
+    structures: Sequence["Structure"],
+    backend: str | Mapping[str, Any] | MLIPBackend = "sevenn",
+    ids: Sequence[str] | None = None,
+    add_elements: bool = True,
+    out: str | Path | None = None,
+    thresholds: ValidityThresholds | Mapping[str, float] | None = None,
+    batch_size: int = 256,
+) -> ReferenceHull:
+    """MLIP energies of the reference structures (invalid ones and MLIP failures are skipped with a warning),
+    plus elemental references for elements that lack one (``add_elements``). Saved to ``out`` if given.
+    """
+    from crystalign.crystal import CrystalBatch
+
+    mlip = get_backend(backend)
+    thresholds = coerce_thresholds(thresholds)
+    if ids is None:
+        ids = [f"ref-{i}" for i in range(len(structures))]
+    if len(ids) != len(structures):
+        raise ValueError(f"{len(ids)} ids for {len(structures)} structures")
+    entries: list[HullEntry] = []
+    skipped: list[str] = []
+
+    def evaluate(structs: Sequence["Structure"], names: Sequence[str]) -> list[HullEntry]:
+        got = []
+        for start in range(0, len(structs), batch_size):
+            chunk = list(structs[start : start + batch_size])
+            batch = CrystalBatch.from_structures(chunk)
+            s = screened_energies(batch, mlip, thresholds)
+            for k, ok in enumerate(s.valid):
+                name = names[start + k]
+                if not ok:
+                    skipped.append(name)
+                    continue
+                comp = chunk[k].composition
+                got.append(HullEntry({el.symbol: float(a) for el, a in comp.element_composition.items()}, float(s.total_energy[k]), name))
+        return got
+
+    entries += evaluate(structures, ids)
+    if skipped:
+        warnings.warn(f"hull: skipped {len(skipped)} invalid reference(s) or MLIP failure(s): {', '.join(skipped[:10])}", stacklevel=2)
+    added: list[str] = []
+    if add_elements:
+        present = {next(iter(e.elements)) for e in entries if len(e.elements) == 1}
+        needed = sorted({el for e in entries for el in e.elements} - present)
+        for symbol in needed:
+            skipped.clear()
+            labelled = elemental_candidates(symbol)
+            cands = evaluate([s for _, s in labelled], [f"auto:{label}" for label, _ in labelled])
+            if not cands:
+                warnings.warn(f"hull: no elemental reference for {symbol}: systems containing it are not covered", stacklevel=2)
+                continue
+            entries.append(min(cands, key=lambda e: e.energy_per_atom_ev))
+            added.append(entries[-1].id)
+    n_used = sum(not e.id.startswith("auto:") for e in entries)
+    meta: dict[str, Any] = {"n_references": len(structures), "n_skipped": len(structures) - n_used}
+    if added:
+        meta["auto_elemental_references"] = added
+    hull = ReferenceHull(entries, {**mlip.identity, "dtype": str(mlip.dtype).replace("torch.", "")}, meta)
+    if out is not None:
+        hull.save(out)
+    return hull
+
+
+# ---------------------------------------------------------------------------------------------- reward
+
+
+class EnergyAboveHullReward:
+    """R = −scale · e_hull (eV/atom) against a :class:`ReferenceHull` built with the same MLIP.
+
+    Args:
+        hull: a hull file path or a :class:`ReferenceHull`.
+        backend: None uses the backend recorded in the hull; a different (name, model) is refused.
+        invalid_penalty: e_hull (eV/atom) for invalid structures and MLIP failures.
+        uncovered_penalty: e_hull for structures with an element the hull has no elemental reference for
+            (default: ``invalid_penalty``); a warning names each such chemical system once.
+        max_energy_above_hull: optional cap on e_hull.
+
+    Info keys: ``e_above_hull_ev_per_atom`` (NaN where invalid or uncovered), ``energy_per_atom_ev``,
+    ``valid``, ``hull_covered`` (0/1).
+    """
+
+    name = "e_above_hull"
+
+    def __init__(
+        self,
+        hull: str | Path | ReferenceHull,
+        backend: str | Mapping[str, Any] | MLIPBackend | None = None,
+        invalid_penalty: float = 3.0,
+        uncovered_penalty: float | None = None,
+        max_energy_above_hull: float | None = None,
+        scale: float = 1.0,
+        thresholds: ValidityThresholds | Mapping[str, float] | None = None,
+        min_energy_per_atom: float = MIN_ENERGY_PER_ATOM,
+        max_energy_per_atom: float = MAX_ENERGY_PER_ATOM,
+        max_number_density: float = MAX_NUMBER_DENSITY,
+    ) -> None:
+        self.hull = hull if isinstance(hull, ReferenceHull) else ReferenceHull.load(hull)
+        recorded = {k: self.hull.backend[k] for k in ("name", "model") if k in self.hull.backend}
+        self.backend = get_backend(backend if backend is not None else recorded)
+        if recorded and self.backend.identity != recorded:
+            raise ValueError(
+                f"hull was built with {recorded} but the reward uses {self.backend.identity}: energies from different "
+                "potentials are not comparable; rebuild the hull with this backend"
+            )
+        self.invalid_penalty = float(invalid_penalty)
+        self.uncovered_penalty = self.invalid_penalty if uncovered_penalty is None else float(uncovered_penalty)
+        self.max_energy_above_hull = max_energy_above_hull
+        self.scale = float(scale)
+        self.thresholds = coerce_thresholds(thresholds)
+        self.min_energy_per_atom, self.max_energy_per_atom = float(min_energy_per_atom), float(max_energy_per_atom)
+        self.max_number_density = float(max_number_density)
+        self._warned: set[frozenset[str]] = set()
+
+    def __call__(self, batch: "CrystalBatch") -> RewardResult:
+        from pymatgen.core import Element
+
+        b = batch.num_structures
+        comps = [{Element.from_Z(z).symbol: float(n) for z, n in comp.items()} for comp in batch.compositions()]
+        covered = np.array([frozenset(c) <= self.hull.elements for c in comps], dtype=bool)
+        for c, ok in zip(comps, covered):
+            system = frozenset(c)
+            if not ok and system not in self._warned:
+                self._warned.add(system)
+                missing = ", ".join(sorted(system - self.hull.elements))
+                warnings.warn(
+                    f"hull has no elemental reference for {missing}: {'-'.join(sorted(system))} gets the uncovered penalty",
+                    stacklevel=2,
+                )
+        # uncovered structures cannot be scored, so they never cost an MLIP call
+        valid = np.zeros(b, dtype=bool)
+        energy_pa = np.full(b, np.nan)
+        e_hull = np.full(b, np.nan)
+        idx = np.flatnonzero(covered)
+        if idx.size:
+            s = screened_energies(
+                batch[torch.as_tensor(idx, device=batch.device)], self.backend, self.thresholds,
+                self.min_energy_per_atom, self.max_energy_per_atom, self.max_number_density,
+            )
+            valid[idx], energy_pa[idx] = s.valid, s.energy_per_atom
+            for k, i in enumerate(idx):
+                if s.valid[k]:
+                    e_hull[i] = self.hull.e_above_hull(comps[i], float(s.total_energy[k]))
+            valid &= np.isfinite(e_hull)  # a hull failure scores like an invalid structure
+        if self.max_energy_above_hull is not None:
+            e_hull = np.minimum(e_hull, self.max_energy_above_hull)
+        penalised = np.where(~covered, self.uncovered_penalty, np.where(valid, e_hull, self.invalid_penalty))
+        info = {
+            "e_above_hull_ev_per_atom": as_tensor(e_hull, batch),
+            "energy_per_atom_ev": as_tensor(energy_pa, batch),
+            "valid": as_tensor(valid, batch),
+            "hull_covered": as_tensor(covered, batch),
+        }
+        return RewardResult(as_tensor(-self.scale * penalised, batch), info)

@@ -1,0 +1,374 @@
+"""Pretrained machine-learned interatomic potentials behind one interface: total energies of ASE Atoms.
+
+Backends never see a structure that failed the shared validity check (the rewards screen first), but they still
+return NaN instead of raising for a structure the model cannot handle (CHGNet's isolated atoms, an element the
+model was not trained on), so one bad structure never costs the whole batch.
+
+Models load on first use and :func:`get_backend` caches backends per process, so every reward asking for
+``"sevenn"`` shares one model.
+
+Example::
+
+    backend = get_backend("sevenn")                    # SevenNet-0, energy-only fast path
+    e_total = backend.energies(batch.to_atoms())      # (B,) eV
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ase import Atoms
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
+    if str(dtype) not in table:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return table[str(dtype)]
+
+
+def _require(module: str, backend: str, extra: str, hint: str = "") -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"the {backend!r} energy backend needs the {module!r} package, which is not installed: "
+            f"pip install 'crystalign[{extra}]'{hint}"
+        )
+
+
+class MLIPBackend(ABC):
+    """Total energies (eV) of periodic structures from one pretrained potential.
+
+    Attributes ``name`` (backend family), ``model`` (weights), ``device`` and ``dtype`` identify the energy
+    scale: energies from different (name, model) pairs are not comparable (hull files record them).
+    """
+
+    name: str
+    model: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @abstractmethod
+    def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
+        """(len(atoms_list),) float64 total energies in eV; NaN where the model cannot evaluate a structure."""
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What must match for two energies to be comparable."""
+        return {"name": self.name, "model": str(self.model)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r}, device='{self.device}', dtype={self.dtype})"
+
+
+class ASECalculatorBackend(MLIPBackend):
+    """Any ASE calculator, one structure at a time (the slow, universal path).
+
+    ``calculator`` is a calculator or a zero-argument factory (called on first use, so loading stays lazy).
+    """
+
+    def __init__(
+        self,
+        calculator: Any,
+        name: str = "ase",
+        model: str = "custom",
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float64",
+    ) -> None:
+        self.name, self.model = name, model
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        self._calc = None if callable(calculator) and not hasattr(calculator, "get_potential_energy") else calculator
+        self._factory = calculator if self._calc is None else None
+        self._lock = threading.Lock()
+
+    @property
+    def calculator(self) -> Any:
+        with self._lock:
+            if self._calc is None:
+                self._calc = self._factory()  # type: ignore[misc]
+        return self._calc
+
+    def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
+        calc = self.calculator
+        out = np.full(len(atoms_list), np.nan)
+        for i, atoms in enumerate(atoms_list):
+            atoms = atoms.copy()
+            atoms.calc = calc
+            try:
+                out[i] = float(atoms.get_potential_energy())
+            except (ValueError, RuntimeError, IndexError, KeyError):
+                pass  # stays NaN: the reward treats it as invalid
+        return out
+
+
+class SevenNetBackend(MLIPBackend):
+    """SevenNet (default ``7net-0``, weights ship in the ``sevenn`` wheel).
+
+    ``mode="fast"`` (default) removes the force/stress module and runs energy-only under no_grad, building each
+    graph once (about 4x faster than the ASE calculator on CPU). ``mode="ase"`` uses ``SevenNetCalculator``
+    (float32 only), kept as the reference the fast path is tested against.
+    ``batch_size`` graphs go through one forward pass: 1 on CPU (batching does not help there), 32 on CUDA.
+    """
+
+    def __init__(
+        self,
+        model: str = "7net-0",
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype = "float32",
+        batch_size: int | None = None,
+        mode: str = "fast",
+        modal: str | None = None,
+    ) -> None:
+        _require("sevenn", "sevenn", "sevenn")
+        if mode not in ("fast", "ase"):
+            raise ValueError(f"mode must be 'fast' or 'ase', got {mode!r}")
+        self.name, self.model, self.mode, self.modal = "sevenn", str(model), mode, modal
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        if mode == "ase" and self.dtype != torch.float32:
+            raise ValueError("SevenNet's ASE calculator runs in float32 only; use mode='fast' for float64")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size or (32 if self.device.type == "cuda" else 1)
+        self._net: Any = None
+        self._calc: Any = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> None:
+        with self._lock:
+            if self._net is not None or self._calc is not None:
+                return
+            if self.mode == "ase":
+                from sevenn.calculator import SevenNetCalculator
+
+                self._calc = SevenNetCalculator(self.model, device=self.device, modal=self.modal)
+                return
+            import sevenn._keys as KEY
+            from sevenn.util import load_checkpoint
+
+            cp = load_checkpoint(self.model)
+            net = cp.build_model()
+            # energy only: forces/stress come from autograd through this module, the costly part
+            net.delete_module_by_key("force_output")
+            net.key_grad = None
+            if net.modal_map:
+                if self.modal not in net.modal_map:
+                    raise ValueError(f"SevenNet model {self.model!r} needs modal= one of {sorted(net.modal_map)}")
+                net.prepare_modal_deploy(self.modal)
+            net.set_is_batch_data(self.batch_size > 1)
+            if self.dtype != torch.float32:
+                # the one-hot embedding hard-codes float32; cast its output so the rest can run in float64
+                dtype = self.dtype
+
+                def _cast(_module, _inputs, data):
+                    data[KEY.NODE_FEATURE] = data[KEY.NODE_FEATURE].to(dtype)
+                    return data
+
+                net._modules["onehot_idx_to_onehot"].register_forward_hook(_cast)
+            self._cutoff = float(cp.config[KEY.CUTOFF])
+            self._known_z = set(int(z) for z in cp.config[KEY.TYPE_MAP])
+            self._net = net.to(device=self.device, dtype=self.dtype).eval()
+
+    def _graph(self, atoms: "Atoms") -> Any:
+        import sevenn._keys as KEY
+        from sevenn.atom_graph_data import AtomGraphData
+        from sevenn.train.dataload import _graph_build_f
+
+        src, dst, vec, _ = _graph_build_f(self._cutoff, atoms.pbc, np.asarray(atoms.cell), atoms.positions)
+        z = torch.as_tensor(atoms.numbers, dtype=torch.long)
+        as_float = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=self.dtype)  # noqa: E731
+        return AtomGraphData(
+            **{
+                KEY.NODE_FEATURE: z,
+                KEY.ATOMIC_NUMBERS: z,
+                KEY.POS: as_float(atoms.positions),
+                KEY.EDGE_IDX: torch.as_tensor(np.stack([src, dst]), dtype=torch.long),
+                KEY.EDGE_VEC: as_float(vec),
+                KEY.CELL_VOLUME: as_float(abs(atoms.cell.volume)),
+                KEY.NUM_ATOMS: torch.tensor(len(atoms)),
+                KEY.INFO: {},
+            }
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
+        self._load()
+        if self.mode == "ase":
+            return ASECalculatorBackend(self._calc, self.name, self.model).energies(atoms_list)
+        import sevenn._keys as KEY
+
+        out = np.full(len(atoms_list), np.nan)
+        todo = [i for i, a in enumerate(atoms_list) if set(a.numbers.tolist()) <= self._known_z]
+        with torch.no_grad():
+            for start in range(0, len(todo), self.batch_size):
+                idx = todo[start : start + self.batch_size]
+                graphs = [self._graph(atoms_list[i]) for i in idx]
+                if self.batch_size == 1:
+                    data = graphs[0]
+                else:
+                    from torch_geometric.loader.dataloader import Collater
+
+                    data = Collater([], follow_batch=None, exclude_keys=None)(graphs)
+                energy = self._net(data.to(self.device))[KEY.PRED_TOTAL_ENERGY]
+                out[idx] = energy.detach().double().cpu().numpy().reshape(-1)
+        return out
+
+
+class CHGNetBackend(MLIPBackend):
+    """CHGNet (default ``0.3.0``, weights ship in the ``chgnet`` wheel), batched energy-only prediction.
+
+    CHGNet raises for a structure with an isolated atom (nothing within its 6 Å cutoff), which would fail a whole
+    batch: graphs are built one by one and such structures get NaN. float32 only (CHGNet's graphs are float32).
+    """
+
+    #: CHGNet's element embedding covers Z = 1..94
+    MAX_Z = 94
+
+    def __init__(
+        self,
+        model: str = "0.3.0",
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype = "float32",
+        batch_size: int = 16,
+    ) -> None:
+        _require("chgnet", "chgnet", "chgnet")
+        self.name, self.model, self.batch_size = "chgnet", str(model), int(batch_size)
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        if self.dtype != torch.float32:
+            raise ValueError("CHGNet runs in float32 only (its graph converter is float32)")
+        self._net: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._net is None:
+                from chgnet.model import CHGNet
+
+                self._net = CHGNet.load(model_name=self.model, use_device=str(self.device), verbose=False)
+                self._net.eval()
+        return self._net
+
+    def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        net = self._load()
+        out = np.full(len(atoms_list), np.nan)
+        idx, graphs = [], []
+        for i, atoms in enumerate(atoms_list):
+            if int(atoms.numbers.max(initial=0)) > self.MAX_Z:
+                continue
+            try:
+                graphs.append(net.graph_converter(AseAtomsAdaptor.get_structure(atoms)))
+                idx.append(i)
+            except ValueError:  # isolated atom
+                continue
+        if graphs:
+            with torch.no_grad():
+                preds = net.predict_graph(graphs, task="e", batch_size=self.batch_size)
+            if isinstance(preds, dict):
+                preds = [preds]
+            e_per_atom = np.array([float(p["e"]) for p in preds])
+            out[idx] = e_per_atom * np.array([len(atoms_list[i]) for i in idx])
+        return out
+
+
+class MACEBackend(ASECalculatorBackend):
+    """MACE (``mace-torch``): a foundation-model name for ``mace_mp`` (e.g. ``medium-mpa-0``, downloads its
+    weights) or a path to a local ``.model`` file. float64 by default, as in the paper's reward.
+
+    mace-torch pins an e3nn that sevenn cannot use: install it in its own environment (``crystalign[mace]``).
+    """
+
+    def __init__(
+        self,
+        model: str | Path = "medium-mpa-0",
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype = "float64",
+    ) -> None:
+        _require("mace", "mace", "mace", " (in an environment without sevenn: mace pins e3nn==0.4.4)")
+        device_, dtype_ = resolve_device(device), resolve_dtype(dtype)
+        model = str(model)
+
+        def factory() -> Any:
+            # mace must be imported before e3nn under recent torch (its e3nn import path patches torch.load)
+            from mace.calculators import MACECalculator, mace_mp
+
+            dtype_name = "float64" if dtype_ == torch.float64 else "float32"
+            if Path(model).expanduser().is_file():
+                return MACECalculator(model_paths=str(Path(model).expanduser()), device=str(device_), default_dtype=dtype_name)
+            return mace_mp(model=model, device=str(device_), default_dtype=dtype_name)
+
+        super().__init__(factory, name="mace", model=model, device=device_, dtype=dtype_)
+
+
+# ---------------------------------------------------------------------------------------------- factory
+
+BACKENDS: dict[str, Callable[..., MLIPBackend]] = {
+    "sevenn": SevenNetBackend,
+    "chgnet": CHGNetBackend,
+    "mace": MACEBackend,
+}
+_ALIASES = {"7net": "sevenn", "sevennet": "sevenn", "7net-0": "sevenn", "sevennet-0": "sevenn", "mace-mp": "mace"}
+_CACHE: dict[tuple, MLIPBackend] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_backend(spec: str | Mapping[str, Any] | MLIPBackend = "sevenn", **options: Any) -> MLIPBackend:
+    """A cached backend from a name (``"sevenn"``, ``"chgnet"``, ``"mace"``) or a mapping
+    ``{"name": "sevenn", "model": "7net-0", "device": "cuda", "dtype": "float64", ...}``; extra ``options``
+    override the mapping. An :class:`MLIPBackend` instance is returned as is.
+    """
+    if isinstance(spec, MLIPBackend):
+        if options:
+            raise ValueError("options cannot be applied to an already built backend")
+        return spec
+    if isinstance(spec, Mapping):
+        if "name" not in spec:
+            raise ValueError(f"backend: missing required key 'name' (one of {', '.join(sorted(BACKENDS))})")
+        options = {**{k: v for k, v in spec.items() if k != "name"}, **options}
+        name = spec["name"]
+    elif isinstance(spec, str):
+        name = spec
+    else:
+        raise TypeError(f"backend must be a name, a mapping or an MLIPBackend, got {type(spec).__name__}")
+    key_name = _ALIASES.get(str(name).lower(), str(name).lower())
+    if key_name not in BACKENDS:
+        raise ValueError(f"backend: unknown MLIP backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
+    options = {k: v for k, v in options.items() if v is not None}
+    key = _cache_key(key_name, options)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = BACKENDS[key_name](**options)
+        return _CACHE[key]
+
+
+def _cache_key(name: str, options: Mapping[str, Any]) -> tuple:
+    """Options with defaults filled in and device/dtype resolved, so "auto" and "cpu" share one model on CPU."""
+    import inspect
+
+    try:
+        bound = inspect.signature(BACKENDS[name]).bind(**options)
+    except TypeError as err:
+        raise ValueError(f"backend {name!r}: {err}") from None
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    if "device" in args:
+        args["device"] = resolve_device(args["device"])
+    if "dtype" in args:
+        args["dtype"] = resolve_dtype(args["dtype"])
+    return (name, tuple(sorted((k, str(v)) for k, v in args.items())))

@@ -1,0 +1,542 @@
+"""OMatG-IRL: rollout → reward → GRPO advantages → PPO epochs (method.md §3.12), resumable.
+
+The variants differ only in their :class:`~crystalign.rl.policy.GaussianTransition`; rollout, log-probs,
+KL, PPO and bookkeeping are shared here. The reference outputs (b_ref, η_ref) are stored during the
+rollout and reused by every PPO epoch, and the backward pass runs per timestep so memory stays at one
+step's graph. Trajectories can optionally be split into mini-batches (one optimiser step each).
+
+Under ``torch.distributed`` GRPO groups are sharded across ranks: each rank rolls out and rewards its own
+groups (advantages are group-local, so no communication), and gradients are averaged with all-reduce.
+
+Example::
+
+    policy = Policy.from_generator(Generator.load("perov_5"), RLConfig(variant="velocity"))
+    trainer = RLTrainer(policy, reward=make_reward("energy"), config=cfg, compositions=train_batch)
+    trainer.fit(out_dir="runs/rl")
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from crystalign.config import to_dict
+from crystalign.crystal import CrystalBatch
+from crystalign.generator import Generator
+from crystalign.interpolants import FIELDS, time_grid
+from crystalign.model.cspnet import build_edges
+from crystalign.rl.objective import (
+    field_loss_terms,
+    group_advantages,
+    timestep_loss,
+    validate_costs,
+    velocity_ratio,
+)
+from crystalign.rl.policy import FieldOutputs, GaussianTransition, Step, euler_step, make_transition
+from crystalign.rl.scale import ScaleMLP
+
+log = logging.getLogger(__name__)
+
+NETWORK_VARIANTS = ("velocity", "score", "scaled_velocity")
+
+
+class RLDivergedError(RuntimeError):
+    """A run stopped by a reward-hacking guard (e.g. too many invalid structures)."""
+
+
+@dataclass
+class RLDataConfig:
+    """Where training compositions come from: a dataset (name or path) split into train/held-out."""
+
+    dataset: str = "perov_5"
+    split: str = "val"
+    holdout_fraction: float = 0.1
+    split_seed: int = 0
+    niggli: bool = True
+    max_structures: int | None = None
+
+
+@dataclass
+class RLValidationConfig:
+    every: int = 10
+    num_compositions: int = 32
+    samples_per_composition: int = 1
+
+
+@dataclass
+class RLConfig:
+    seed: int = 0
+    variant: Literal["velocity", "score", "scale", "scaled_velocity"] = "velocity"
+    fields: list[str] = field(default_factory=lambda: ["pos"])
+    steps: int = 50
+    noise: dict[str, Any] = field(default_factory=lambda: {"pos": {"kind": "sqrt", "a": 0.1668100537}, "cell": {"kind": "sqrt", "a": 0.1668100537}})
+    reference_noise: dict[str, Any] | None = None
+    group_size: int = 8
+    num_groups: int = 4
+    share_x0: bool = False
+    ppo_epochs: int = 1
+    clip_eps: float = 0.2
+    position_normalization: Literal["none", "per_structure_weight", "per_atom_surrogate"] = "per_atom_surrogate"
+    costs: dict[str, float] = field(default_factory=lambda: {"pos_policy": 1.0, "pos_regularization": 1e-3})
+    normalize_costs: bool = False
+    lr: float = 1e-4
+    grad_clip: float = 1.0
+    iterations: int = 100
+    minibatch_trajectories: int | None = None
+    reward: Any = "energy"
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    validation: RLValidationConfig = field(default_factory=RLValidationConfig)
+    max_invalid_fraction: float = 0.95
+    duplicate_check: bool = True
+    scale_model: str | None = None
+    device: str = "cpu"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.fields if f not in FIELDS]
+        if bad or not self.fields:
+            raise ValueError(f"fields: must be a non-empty subset of {FIELDS}, got {self.fields}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (GRPO normalises within groups), got {self.group_size}")
+        if self.steps < 2:
+            raise ValueError(f"steps must be >= 2, got {self.steps}")
+        validate_costs(self.costs, self.normalize_costs)
+
+
+# ---------------------------------------------------------------------- the policy
+class Policy(nn.Module):
+    """Trainable part (network copy or ScaleMLP, learnable σ) + frozen reference generator.
+
+    ``reference`` is frozen; ``net`` is a trainable copy of its network for the network variants;
+    ``scale`` is the ScaleMLP for velocity annealing; ``transitions`` hold σ(t) per reinforced field.
+    """
+
+    def __init__(self, reference: Generator, config: RLConfig, scale_model: ScaleMLP | None = None):
+        super().__init__()
+        self.config = config
+        self.variant = config.variant
+        self.reference = reference
+        reference.requires_grad_(False)
+        reference.eval()
+        self.net = copy.deepcopy(reference.net).requires_grad_(True) if config.variant in NETWORK_VARIANTS else None
+        self.scale = ScaleMLP() if config.variant == "scale" else None
+        gamma = None
+        if config.variant == "score":
+            pos_ip = reference.interpolants["pos"]
+            if not pos_ip.uses_denoiser:
+                raise ValueError(
+                    "variant 'score' needs a base model trained as an SDE with a denoiser η and a latent γ(t) for positions; "
+                    "this model is an ODE model: use variant 'velocity' or 'scale'"
+                )
+            gamma = pos_ip.gamma_schedule
+        ref_noise = config.reference_noise or {}
+        self.transitions = nn.ModuleDict(
+            {
+                f: make_transition(config.variant, f, config.noise[f], ref_noise.get(f), gamma=gamma, scale_model=scale_model)
+                for f in config.fields
+            }
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("reference.")]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("reference.")}
+
+    def outputs(self, t: float, batch_like: CrystalBatch, pos: torch.Tensor, cell: torch.Tensor, edges, ref_out: dict[str, torch.Tensor] | None):
+        """Policy outputs per field at one state; the network variants call the trainable network once."""
+        if self.net is not None:
+            out = self.net(torch.full((batch_like.num_structures,), t, dtype=pos.dtype, device=pos.device), batch_like.species, pos, cell, batch_like.n_atoms, edges=edges)
+            return {f: FieldOutputs.from_network(out, f) for f in FIELDS}, out
+        assert self.scale is not None
+        s = self.scale(torch.full((batch_like.num_structures,), t, dtype=pos.dtype, device=pos.device))
+        return {f: FieldOutputs.from_scale(s, f) for f in FIELDS}, None
+
+
+@dataclass
+class Trajectory:
+    """What a rollout stores per step: states, actions, old log-probs, reference outputs."""
+
+    template: CrystalBatch
+    times: list[float]
+    pos: list[torch.Tensor] = field(default_factory=list)
+    cell: list[torch.Tensor] = field(default_factory=list)
+    actions: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    logp_old: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    ref: list[dict[str, FieldOutputs]] = field(default_factory=list)
+    velocity_ratio: list[float] = field(default_factory=list)
+    final: CrystalBatch | None = None
+
+
+def rollout(
+    policy: Policy,
+    template: CrystalBatch,
+    steps: int,
+    generator: torch.Generator,
+    store: bool = True,
+    noise: bool = True,
+    x0: CrystalBatch | None = None,
+) -> Trajectory:
+    """Integrate the policy from p_0 for the compositions of ``template`` (no gradients).
+
+    ``noise=False`` gives the deterministic mean path (``rl sample --no-noise``).
+    """
+    ref_gen = policy.reference
+    if x0 is None:
+        x0 = ref_gen.base_sample(template.species, template.n_atoms, generator)
+    ts = time_grid(steps, dtype=torch.float64).tolist()
+    edges = build_edges(x0.n_atoms)
+    traj = Trajectory(template=x0, times=ts)
+    pos, cell = x0.frac, x0.lattice
+    with torch.no_grad():
+        for k in range(len(ts) - 1):
+            t, dt = ts[k], ts[k + 1] - ts[k]
+            step = Step.on_grid(t, dt, x0)
+            raw_ref = ref_gen.net(torch.full((x0.num_structures,), t, dtype=pos.dtype, device=pos.device), x0.species, pos, cell, x0.n_atoms, edges=edges)
+            ref = {f: FieldOutputs.from_network(raw_ref, f) for f in FIELDS}
+            out, raw_out = policy.outputs(t, x0, pos, cell, edges, raw_ref)
+            if raw_out is not None and "pos" in policy.transitions:
+                traj.velocity_ratio.append(float(velocity_ratio(raw_out["pos_b"], raw_ref["pos_b"], x0.batch, x0.num_structures).mean()))
+            state = {"pos": pos, "cell": cell}
+            new, actions, logps = {}, {}, {}
+            for f in FIELDS:
+                if f in policy.transitions:
+                    tr: GaussianTransition = policy.transitions[f]
+                    if noise:
+                        action, logp = tr.sample_action(step, out[f], ref[f], generator=generator)
+                    else:
+                        action, logp = tr.mean(step, out[f], ref[f]), None
+                    new[f] = tr.next_state(state[f], action, step, ref[f])
+                    actions[f], logps[f] = action, logp
+                else:
+                    new[f] = euler_step(state[f], ref[f].b, step, f)
+            if store:
+                traj.pos.append(pos)
+                traj.cell.append(cell)
+                traj.actions.append(actions)
+                traj.logp_old.append(logps)
+                traj.ref.append({f: ref[f].detach() for f in policy.transitions})
+            pos, cell = new["pos"], new["cell"]
+    traj.final = x0.replace(frac=pos, lattice=cell, ids=template.ids)
+    return traj
+
+
+# ---------------------------------------------------------------------- the trainer
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RLTrainer:
+    """Runs OMatG-IRL iterations with checkpoint/resume, validation and reward-hacking guards."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        reward: Callable[[CrystalBatch], Any],
+        config: RLConfig,
+        compositions: CrystalBatch,
+        validation: CrystalBatch | None = None,
+        progress: bool = True,
+    ):
+        self.policy = policy
+        self.reward = reward
+        self.config = config
+        self.compositions = compositions
+        self.validation = validation
+        self.progress = progress
+        self.rank, self.world = _dist()
+        if config.num_groups % self.world:
+            raise ValueError(f"num_groups={config.num_groups} must be divisible by the number of processes ({self.world})")
+        self.optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=config.lr)
+        self.costs = validate_costs(config.costs, config.normalize_costs)
+        self.iteration = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_val: float = -math.inf
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
+        self.data_generator = torch.Generator().manual_seed(config.seed)  # identical on every rank
+        self.reference_volume: float | None = None
+
+    # ----------------------------------------------------------------- one iteration
+    def sample_groups(self) -> CrystalBatch:
+        cfg = self.config
+        idx = torch.randint(self.compositions.num_structures, (cfg.num_groups,), generator=self.data_generator)
+        per_rank = cfg.num_groups // self.world
+        mine = idx[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return self.compositions[mine].repeat_interleave(cfg.group_size)
+
+    def _x0(self, template: CrystalBatch) -> CrystalBatch | None:
+        if not self.config.share_x0:
+            return None
+        g = self.config.group_size
+        one = self.policy.reference.base_sample(template.species, template.n_atoms, self.generator)[torch.arange(0, template.num_structures, g)]
+        return one.repeat_interleave(g)
+
+    def step(self) -> dict[str, Any]:
+        cfg = self.config
+        t0 = time.time()
+        template = self.sample_groups()
+        traj = rollout(self.policy, template, cfg.steps, self.generator, x0=self._x0(template))
+        t_roll = time.time() - t0
+        result = self.reward(traj.final)
+        rewards = result.rewards.to(torch.float64)
+        t_reward = time.time() - t0 - t_roll
+        adv = group_advantages(rewards, cfg.group_size).to(traj.final.dtype)
+        stats = self.update(traj, adv)
+        t_update = time.time() - t0 - t_roll - t_reward
+        row = {"iteration": self.iteration + 1, **self._monitor(traj.final, rewards, result.info, cfg.group_size), **stats}
+        row["velocity_ratio"] = float(sum(traj.velocity_ratio) / len(traj.velocity_ratio)) if traj.velocity_ratio else 0.0
+        row.update(time_rollout_s=t_roll, time_reward_s=t_reward, time_update_s=t_update, time_total_s=time.time() - t0)
+        if row["invalid_fraction"] > cfg.max_invalid_fraction:
+            raise RLDivergedError(
+                f"iteration {row['iteration']}: invalid fraction {row['invalid_fraction']:.2f} exceeds max_invalid_fraction="
+                f"{cfg.max_invalid_fraction}; the policy is producing broken structures (lower lr or raise the KL cost)"
+            )
+        return row
+
+    def _minibatches(self, b: int) -> list[torch.Tensor]:
+        mb = self.config.minibatch_trajectories
+        if not mb or mb >= b:
+            return [torch.arange(b)]
+        perm = torch.randperm(b, generator=self.generator)
+        return [perm[i : i + mb].sort().values for i in range(0, b, mb)]
+
+    def update(self, traj: Trajectory, adv: torch.Tensor) -> dict[str, float]:
+        """``ppo_epochs`` passes over the stored trajectory; per-timestep backward; one optimiser step per mini-batch."""
+        cfg = self.config
+        policy = self.policy
+        tmpl = traj.template
+        K = len(traj.pos)
+        params = policy.trainable_parameters()
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg.ppo_epochs):
+            for sel in self._minibatches(tmpl.num_structures):
+                sub = tmpl[sel]
+                atom_sel = torch.nonzero(tmpl.atom_mask(sel)).squeeze(-1)
+                edges = build_edges(sub.n_atoms)
+                sub_adv = adv[sel]
+                self.optimizer.zero_grad(set_to_none=True)
+                for k in range(K):
+                    t, dt = traj.times[k], traj.times[k + 1] - traj.times[k]
+                    step = Step.on_grid(t, dt, sub)
+                    pos, cell = traj.pos[k][atom_sel], traj.cell[k][sel]
+                    out, _ = policy.outputs(t, sub, pos, cell, edges, None)
+                    terms: dict[str, torch.Tensor] = {}
+                    for f, tr in policy.transitions.items():
+                        rows = atom_sel if tr.per_atom_action else sel
+                        ref = _select(traj.ref[k][f], atom_sel if f == "pos" else sel)
+                        action = traj.actions[k][f][rows]
+                        logp_old = traj.logp_old[k][f][rows]
+                        logp_new = tr.log_prob(action, step, out[f], ref)
+                        kl = tr.kl_to_reference(step, out[f], ref) if self.costs.get(f"{f}_regularization", 0.0) else None
+                        ent = tr.entropy(step, like=action) if self.costs.get(f"{f}_entropy", 0.0) else None
+                        distill = self.costs.get(f"{f}_distillation", 0.0) and policy.variant == "score"
+                        t_terms, t_stats = field_loss_terms(
+                            f, logp_new, logp_old, sub_adv, cfg.clip_eps,
+                            batch=tr.unit_batch(step), num_structures=sub.num_structures,
+                            mode=cfg.position_normalization, kl=kl, entropy=ent,
+                            eta=out[f].eta if distill else None, eta_ref=ref.eta if distill else None,
+                        )
+                        terms.update(t_terms)
+                        for key, v in t_stats.items():
+                            sums[key] = sums.get(key, 0.0) + float(v)
+                    loss, l_stats = timestep_loss(terms, self.costs, cfg.normalize_costs)
+                    (loss / K).backward()
+                    for key, v in l_stats.items():
+                        sums[key] = sums.get(key, 0.0) + float(v)
+                    count += 1
+                self._allreduce_grads(params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * K
+                self.optimizer.step()
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _allreduce_grads(self, params: list[nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= self.world
+
+    def _monitor(self, final: CrystalBatch, rewards: torch.Tensor, info: dict[str, torch.Tensor], group_size: int | None) -> dict[str, Any]:
+        """Reward statistics and reward-hacking guards; energies averaged over valid structures only."""
+        report = final.validity()
+        valid = report.valid
+        row: dict[str, Any] = {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)),
+            "invalid_fraction": float(1.0 - valid.double().mean()),
+        }
+        if group_size:
+            row["reward_std_within_group"] = float(rewards.view(-1, group_size).std(dim=1, unbiased=False).mean())
+        for key, value in info.items():
+            v = value.double()
+            if key == "valid":
+                continue
+            mask = valid & torch.isfinite(v)
+            row[f"{key}_mean"] = float(v[mask].mean()) if bool(mask.any()) else float("nan")
+        vpa = (report.volume / final.n_atoms.to(report.volume.dtype))[valid]
+        row["volume_per_atom_a3"] = float(vpa.mean()) if vpa.numel() else float("nan")
+        if self.reference_volume is None and vpa.numel():
+            self.reference_volume = row["volume_per_atom_a3"]
+        if self.reference_volume:
+            row["volume_per_atom_drift"] = row["volume_per_atom_a3"] / self.reference_volume - 1.0
+        if group_size and self.config.duplicate_check:
+            row["duplicate_fraction"] = duplicate_fraction(final, group_size, valid)
+        return row
+
+    # ----------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        if self.validation is None or self.validation.num_structures == 0:
+            return {}
+        vc = self.config.validation
+        template = self.validation[: vc.num_compositions].repeat_interleave(vc.samples_per_composition)
+        g = torch.Generator().manual_seed(10_000 + self.config.seed)  # the same x0 every validation
+        traj = rollout(self.policy, template, self.config.steps, g, store=False)
+        result = self.reward(traj.final)
+        row = self._monitor(traj.final, result.rewards.double(), result.info, None)
+        return {f"val_{k}": v for k, v in row.items()}
+
+    # ----------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": "crystalign-rl",
+            "format_version": 1,
+            "config": to_dict(self.config),
+            "iteration": self.iteration,
+            "policy": self.policy.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "best_val": self.best_val,
+            "reference_volume": self.reference_volume,
+            "rng": self.generator.get_state(),
+            "data_rng": self.data_generator.get_state(),
+            "reference": self.policy.reference.checkpoint_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        missing, unexpected = self.policy.load_state_dict(state["policy"], strict=False)
+        unexpected = [k for k in unexpected if not k.startswith("reference.")]
+        if unexpected or [k for k in missing if not k.startswith("reference.")]:
+            raise ValueError(f"RL checkpoint does not fit this policy (unexpected {unexpected[:5]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.history = list(state["history"])
+        self.best_val = float(state["best_val"])
+        self.reference_volume = state.get("reference_volume")
+        self.generator.set_state(state["rng"])
+        self.data_generator.set_state(state["data_rng"])
+
+    def fit(self, out_dir: str | Path, resume: bool = False, on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Run until ``config.iterations``; a checkpoint after every iteration makes a kill lose nothing."""
+        from tqdm import tqdm
+
+        from crystalign.io import save_torch, write_json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        last = out / "last.pt"
+        if resume:
+            if not last.exists():
+                raise FileNotFoundError(f"--resume: no {last} to resume from")
+            self.load_state(torch.load(last, map_location="cpu", weights_only=True))
+        bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="rl", unit="it", disable=not self.progress or self.rank != 0)
+        while self.iteration < self.config.iterations:
+            row = self.step()
+            self.iteration += 1
+            vc = self.config.validation
+            if vc.every and self.iteration % vc.every == 0:
+                row.update(self.validate())
+            self.history.append(row)
+            if self.rank == 0:
+                improved = "val_reward_mean" in row and row["val_reward_mean"] > self.best_val
+                if improved:
+                    self.best_val = row["val_reward_mean"]
+                state = self.state()
+                if improved:
+                    save_torch(out / "best.pt", state)
+                save_torch(last, state)
+                write_json(out / "history.json", self.history)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", invalid=f"{row['invalid_fraction']:.2f}")
+            if on_iteration is not None:
+                on_iteration(row)
+        bar.close()
+        if self.rank == 0 and not (out / "best.pt").exists():
+            save_torch(out / "best.pt", self.state())
+        return self.history
+
+
+def _select(ref: FieldOutputs, rows: torch.Tensor) -> FieldOutputs:
+    pick = lambda v: None if v is None else v[rows]  # noqa: E731
+    return FieldOutputs(b=pick(ref.b), eta=pick(ref.eta), s=pick(ref.s))
+
+
+def duplicate_fraction(final: CrystalBatch, group_size: int, valid: torch.Tensor) -> float:
+    """Fraction of valid structures that duplicate an earlier member of their group (benchmark matcher)."""
+    from crystalign.matching import make_matcher
+
+    matcher = make_matcher()
+    structures = final.to_structures()
+    dup = 0
+    total = 0
+    for g0 in range(0, len(structures), group_size):
+        kept: list = []
+        for i in range(g0, min(g0 + group_size, len(structures))):
+            if not bool(valid[i]):
+                continue
+            total += 1
+            s = structures[i]
+            if any(matcher.fit(s, k) for k in kept):
+                dup += 1
+            else:
+                kept.append(s)
+    return dup / total if total else 0.0
+
+
+# ---------------------------------------------------------------------- checkpoint loading
+def load_policy(path: str | Path, map_location: str = "cpu") -> tuple[Policy, dict[str, Any]]:
+    """Rebuild the reinforced policy (and its frozen reference) from an RL checkpoint."""
+    from crystalign.config import from_dict
+    from crystalign.generator import load_checkpoint_file
+
+    state = load_checkpoint_file(path, map_location)
+    if state.get("format") != "crystalign-rl":
+        raise ValueError(f"{path}: not a crystalign RL checkpoint")
+    config = from_dict(RLConfig, state["config"], where=f"{path}:config")
+    reference = Generator.from_checkpoint_dict(state["reference"], where=f"{path}:reference")
+    policy = Policy(reference, config, scale_model=load_scale_model(config.scale_model))
+    missing, unexpected = policy.load_state_dict(state["policy"], strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: RL checkpoint does not fit its policy (unexpected {unexpected[:5]})")
+    policy.eval()
+    return policy, state
+
+
+def load_scale_model(path: str | None) -> ScaleMLP | None:
+    """A frozen pre-learned s(t) (for ``scaled_velocity``) from a velocity-annealing RL checkpoint."""
+    if not path:
+        return None
+    from crystalign.generator import load_checkpoint_file
+
+    state = load_checkpoint_file(path)
+    model = ScaleMLP()
+    weights = {k.removeprefix("scale."): v for k, v in state["policy"].items() if k.startswith("scale.")}
+    if not weights:
+        raise ValueError(f"{path}: no learned s(t) in this checkpoint (train one with variant: scale)")
+    model.load_state_dict(weights)
+    return model

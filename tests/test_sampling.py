@@ -1,0 +1,133 @@
+"""Sampler, Generator bundle and composition parsing (real network, random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crystalign.distributions import BaseDistribution
+from crystalign.generator import Generator, GeneratorConfig, composition_batch, load_checkpoint_file, parse_composition
+from crystalign.model.cspnet import CSPNetConfig
+
+
+def tiny_generator(interpolants=None, seed=0) -> Generator:
+    torch.manual_seed(seed)
+    cfg = GeneratorConfig(net=CSPNetConfig(hidden_dim=32, num_layers=2, num_freqs=8, time_dim=16))
+    if interpolants is not None:
+        cfg.interpolants = interpolants
+    return Generator(cfg, BaseDistribution.from_preset("perov_5"))
+
+
+SDE_INTERPOLANTS = {
+    "pos": {
+        "path": "trig",
+        "periodic": True,
+        "correct_com": True,
+        "sde": True,
+        "gamma": {"kind": "sqrt", "a": 0.05},
+        "epsilon": {"kind": "vanishing", "c": 1.0, "mu": 0.2, "sigma": 0.04},
+    },
+    "cell": {"path": "trig"},
+}
+
+
+class CountingNet(torch.nn.Module):
+    """Wraps the real network to count forward calls."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.net(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method,per_step", [("euler", 1), ("sde", 1), ("heun", 2)])
+def test_one_network_call_per_step(method, per_step):
+    gen = tiny_generator(SDE_INTERPOLANTS if method == "sde" else None)
+    counter = CountingNet(gen.net)
+    gen.net = counter
+    template = composition_batch(["SrTiO3", "BaZrO3"], 3)
+    out = gen.sample(template, seed=0, steps=11, method=method)
+    assert counter.calls == 10 * per_step
+    assert out.num_structures == 6
+    assert bool((out.frac >= 0).all() and (out.frac < 1).all())
+    assert torch.isfinite(out.lattice).all()
+    assert torch.equal(out.species, template.species)
+
+
+def test_seeded_sampling_is_reproducible():
+    gen = tiny_generator()
+    template = composition_batch(["CaTiO3"], 4)
+    a = gen.sample(template, seed=3, steps=8)
+    b = gen.sample(template, seed=3, steps=8)
+    c = gen.sample(template, seed=4, steps=8)
+    assert torch.equal(a.frac, b.frac) and torch.equal(a.lattice, b.lattice)
+    assert not torch.equal(a.frac, c.frac)
+
+
+def test_velocity_annealing_changes_path_and_zero_is_identity():
+    gen = tiny_generator()
+    template = composition_batch(["CaTiO3"], 2)
+    base = gen.sample(template, seed=0, steps=8)
+    same = gen.sample(template, seed=0, steps=8, anneal_pos=0.0)
+    annealed = gen.sample(template, seed=0, steps=8, anneal_pos=5.0)
+    assert torch.equal(base.frac, same.frac)
+    assert not torch.allclose(base.frac, annealed.frac)
+
+
+def test_trajectory_has_every_step():
+    gen = tiny_generator()
+    x0 = gen.base_sample(*[composition_batch(["SrTiO3"], 2).species, torch.tensor([5, 5])])
+    final, traj = gen.sampler(steps=6).sample(x0, trajectory=True)
+    assert len(traj) == 6
+    assert torch.equal(traj[-1].frac, final.frac)
+    assert torch.equal(traj[0].frac, x0.frac)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from crystalign.io import save_torch
+
+    gen = tiny_generator(SDE_INTERPOLANTS)
+    save_torch(tmp_path / "m.pt", gen.checkpoint_dict())
+    back = Generator.load(tmp_path / "m.pt")
+    assert back.model_hash() == gen.model_hash()
+    assert back.interpolants["pos"].uses_denoiser
+    template = composition_batch(["SrTiO3"], 2)
+    assert torch.equal(gen.sample(template, seed=1, steps=5).frac, back.sample(template, seed=1, steps=5).frac)
+
+
+def test_bad_checkpoints(tmp_path):
+    from crystalign.io import save_torch
+
+    gen = tiny_generator()
+    corrupt = tmp_path / "corrupt.pt"
+    save_torch(corrupt, gen.checkpoint_dict())
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
+    with pytest.raises(ValueError, match="corrupt"):
+        Generator.load(corrupt)
+    future = gen.checkpoint_dict()
+    future["format_version"] = 99
+    save_torch(tmp_path / "future.pt", future)
+    with pytest.raises(ValueError, match="version 99"):
+        Generator.load(tmp_path / "future.pt")
+    save_torch(tmp_path / "other.pt", {"weights": torch.zeros(3)})
+    with pytest.raises(ValueError, match="not a crystalign generator"):
+        Generator.load(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="unknown model"):
+        Generator.load(tmp_path / "missing.pt")
+    assert isinstance(load_checkpoint_file(tmp_path / "future.pt"), dict)
+
+
+def test_parse_composition():
+    assert parse_composition("SrTiO3") == sorted([38, 22, 8, 8, 8])
+    assert parse_composition("C6") == [6] * 6
+    for bad, msg in [("", "cannot parse"), ("Xx2O", "cannot parse|unknown"), ("Fe0.5O", "fractional"), ("<script>", "cannot parse")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_composition(bad)
+    with pytest.raises(ValueError, match="maximum of 5"):
+        parse_composition("SrTi2O6", max_atoms=5)
+    with pytest.raises(ValueError, match="n must be"):
+        composition_batch(["SrTiO3"], 0)
