@@ -16,8 +16,9 @@ from crystalign.settings import data_root as _data_root
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+def _one_thread():
+    # tests run as parallel workers (pytest -n 2); OpenMP threads beyond one core each only spin
+    torch.set_num_threads(1)
     yield
 
 

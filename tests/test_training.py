@@ -11,7 +11,7 @@ import yaml
 
 from crystalign.config import ConfigError, from_dict, load_config
 from crystalign.generator import Generator
-from crystalign.training import TrainConfig, seeded_split, train
+from crystalign.training import TrainConfig, train
 
 TINY = {
     "seed": 0,
@@ -36,13 +36,6 @@ def tiny_config(**changes) -> TrainConfig:
             node = node[key]
         node[last] = value
     return from_dict(TrainConfig, cfg)
-
-
-def test_seeded_split_is_fixed_and_disjoint():
-    a_train, a_hold = seeded_split(3787, 0.1, 0)
-    b_train, b_hold = seeded_split(3787, 0.1, 0)
-    assert (a_hold == b_hold).all() and len(a_hold) == 379
-    assert not set(a_train) & set(a_hold) and len(a_train) + len(a_hold) == 3787
 
 
 def test_train_checkpoint_resume(tmp_path, data_root):

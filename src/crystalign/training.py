@@ -112,26 +112,22 @@ class StructureIndexDataset(Dataset):
         return self.batch[torch.tensor(indices)]
 
 
-def seeded_split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, holdout) indices: a fixed permutation from ``seed``; holdout = first ceil(f·n) of it."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_hold = int(math.ceil(holdout_fraction * n)) if holdout_fraction > 0 else 0
-    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
-
-
 def load_training_data(cfg: DataConfig, data_root: str | None = None) -> tuple[CrystalBatch, CrystalBatch, str]:
     """(train, holdout, sha256 of the source file) for a dataset name or path."""
     from crystalign.data import load_dataset
 
     ds = load_dataset(cfg.dataset, split=cfg.split, data_root=data_root, niggli=cfg.niggli, primitive=cfg.primitive)
-    batch = ds.batch
+    source = ds.source
     if cfg.max_structures:
-        batch = batch[: cfg.max_structures]
-    train_idx, hold_idx = seeded_split(batch.num_structures, cfg.holdout_fraction, cfg.split_seed)
+        ds = ds.subset(np.arange(min(cfg.max_structures, len(ds))))
+    if cfg.holdout_fraction > 0:
+        train_ds, hold_ds = ds.random_split(cfg.holdout_fraction, seed=cfg.split_seed)
+    else:
+        train_ds, hold_ds = ds, ds.subset(np.arange(0))
     from crystalign.data.download import sha256_file
 
-    digest = sha256_file(ds.source) if ds.source is not None and Path(ds.source).is_file() else ""
-    return batch[torch.from_numpy(train_idx)], batch[torch.from_numpy(hold_idx)], digest
+    digest = sha256_file(source) if source is not None and Path(source).is_file() else ""
+    return train_ds.batch, hold_ds.batch, digest
 
 
 # ---------------------------------------------------------------------- losses

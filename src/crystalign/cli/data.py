@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -118,7 +119,7 @@ def summary_cmd(
     niggli: bool = typer.Option(False, "--niggli", help="Niggli-reduce cells before the statistics."),
     primitive: bool = typer.Option(False, "--primitive", help="Use primitive cells."),
     spacegroups: bool = typer.Option(True, "--spacegroups/--no-spacegroups", help="Space groups with spglib (slowest part)."),
-    workers: int = typer.Option(1, "--workers", "-j", help="Processes for the space-group search (0: all cores)."),
+    workers: int = typer.Option(0, "--workers", "-j", help="Processes for the space-group search (0: all cores, at most 8)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out unreadable rows instead of stopping."),
     top: int = typer.Option(15, "--top", help="Rows shown per table (elements, space groups)."),
 ) -> None:
@@ -136,7 +137,7 @@ def summary_cmd(
         )
     except DataError as err:
         raise _fail(err) from None
-    result = summarize(ds, spacegroups=spacegroups, workers=None if workers == 0 else workers, progress=not as_json)
+    result = summarize(ds, spacegroups=spacegroups, workers=min(os.cpu_count() or 1, 8) if workers == 0 else workers, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
