@@ -55,9 +55,11 @@ def perovskites(perov_val_csv) -> list[Structure]:
 def _by_space_group(structures, number):
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-    for s in structures:
-        if SpacegroupAnalyzer(s, symprec=0.1).get_space_group_number() == number:
-            return s
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # spglib's legacy error-handling notice
+        for s in structures:
+            if SpacegroupAnalyzer(s, symprec=0.1).get_space_group_number() == number:
+                return s
     pytest.fail(f"no structure with space group {number} in the sample")
 
 
@@ -126,6 +128,26 @@ def test_factory_user_kinds_and_callable_paths(perovskites):
 
 def _density(structures):
     return [s.density for s in structures]
+
+
+def test_load_structures_from_csv_cif_and_extxyz(mp20_sample_csv, tmp_path):
+    from ase.io import write
+
+    from crystalign.rewards import load_structures
+
+    structures, ids = load_structures(mp20_sample_csv)
+    expected = read_csv_structures(mp20_sample_csv, 3)
+    assert len(structures) == 142 and ids[0] == "mp-10009"
+    for got, want in zip(structures, expected):
+        assert got.composition == want.composition
+        np.testing.assert_allclose(got.lattice.matrix, want.lattice.matrix, atol=1e-6)
+    expected[0].to(filename=str(tmp_path / "a.cif"))
+    write(tmp_path / "b.extxyz", [s.to_ase_atoms() for s in expected[1:]])
+    more, more_ids = load_structures([tmp_path / "a.cif", tmp_path / "b.extxyz"])
+    assert [s.composition.reduced_formula for s in more] == [s.composition.reduced_formula for s in expected]
+    assert more_ids == ["a", "b:0", "b:1"]
+    with pytest.raises(FileNotFoundError):
+        load_structures(tmp_path / "missing.csv")
 
 
 # ---------------------------------------------------------------------------------------------- cRMSE

@@ -18,12 +18,16 @@ from crystalign.cli import generate as _generate  # noqa: E402
 from crystalign.cli import rl as _rl  # noqa: E402
 from crystalign.cli import evaluate as _evaluate  # noqa: E402
 from crystalign.cli import models as _models  # noqa: E402
+from crystalign.cli import predict as _predict  # noqa: E402
+from crystalign.cli import hull as _hull  # noqa: E402
 
 app.add_typer(_data.app, name="data")
 _generate.register(app)
 _rl.register(app)
 _evaluate.register(app)
 _models.register(app)
+_predict.register(app)
+_hull.register(app)
 # --- end registrations ---
 
 

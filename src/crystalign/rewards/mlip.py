@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -43,11 +44,12 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[str(dtype)]
 
 
-def _require(module: str, backend: str, extra: str, hint: str = "") -> None:
+def _require(module: str, backend: str, dist: str, hint: str = "") -> None:
+    """Fail at construction, not at the first reward call, when the backend's package is missing."""
     if importlib.util.find_spec(module) is None:
         raise ImportError(
-            f"the {backend!r} energy backend needs the {module!r} package, which is not installed: "
-            f"pip install 'crystalign[{extra}]'{hint}"
+            f"the {backend!r} energy backend needs the {dist!r} package, which is not installed: "
+            f"pip install 'crystalign[{backend}]'{hint}"
         )
 
 
@@ -66,6 +68,26 @@ class MLIPBackend(ABC):
     @abstractmethod
     def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
         """(len(atoms_list),) float64 total energies in eV; NaN where the model cannot evaluate a structure."""
+
+    def supported_elements(self) -> set[int] | None:
+        """Atomic numbers the model can evaluate (None: unknown, assume all)."""
+        return None
+
+    def check_elements(self, species: Sequence[int]) -> None:
+        """Raise ValueError naming the elements this potential cannot evaluate."""
+        known = self.supported_elements()
+        if known is None:
+            return
+        missing = sorted(set(int(z) for z in species) - known)
+        if missing:
+            from pymatgen.core import Element
+
+            names = ", ".join(Element.from_Z(z).symbol for z in missing)
+            raise ValueError(f"the {self.name} potential ({self.model}) does not support element(s) {names}; choose another backend")
+
+    def ase_calculator(self) -> Any:
+        """An ASE calculator with forces and stress (for relaxation) from the same potential."""
+        raise NotImplementedError(f"{type(self).__name__} has no ASE calculator")
 
     @property
     def identity(self) -> dict[str, str]:
@@ -103,6 +125,9 @@ class ASECalculatorBackend(MLIPBackend):
                 self._calc = self._factory()  # type: ignore[misc]
         return self._calc
 
+    def ase_calculator(self) -> Any:
+        return self.calculator
+
     def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
         calc = self.calculator
         out = np.full(len(atoms_list), np.nan)
@@ -120,7 +145,7 @@ class SevenNetBackend(MLIPBackend):
     """SevenNet (default ``7net-0``, weights ship in the ``sevenn`` wheel).
 
     ``mode="fast"`` (default) removes the force/stress module and runs energy-only under no_grad, building each
-    graph once (about 4x faster than the ASE calculator on CPU). ``mode="ase"`` uses ``SevenNetCalculator``
+    graph once (2-4x faster than the ASE calculator on CPU, see bench/mlip.py). ``mode="ase"`` uses ``SevenNetCalculator``
     (float32 only), kept as the reference the fast path is tested against.
     ``batch_size`` graphs go through one forward pass: 1 on CPU (batching does not help there), 32 on CUDA.
     """
@@ -154,15 +179,22 @@ class SevenNetBackend(MLIPBackend):
             if self._net is not None or self._calc is not None:
                 return
             if self.mode == "ase":
-                from sevenn.calculator import SevenNetCalculator
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.filterwarnings("ignore", message="No tensor product accelerator")
+                    from sevenn.calculator import SevenNetCalculator
 
-                self._calc = SevenNetCalculator(self.model, device=self.device, modal=self.modal)
+                    self._calc = SevenNetCalculator(self.model, device=self.device, modal=self.modal)
                 return
-            import sevenn._keys as KEY
-            from sevenn.util import load_checkpoint
+            with warnings.catch_warnings():
+                # sevenn/e3nn use torch.jit.script at import and build time, deprecated in recent torch
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import sevenn._keys as KEY
+                import sevenn.atom_graph_data  # noqa: F401  (pulls in torch_geometric)
+                from sevenn.util import load_checkpoint
 
-            cp = load_checkpoint(self.model)
-            net = cp.build_model()
+                cp = load_checkpoint(self.model)
+                net = cp.build_model()
             # energy only: forces/stress come from autograd through this module, the costly part
             net.delete_module_by_key("force_output")
             net.key_grad = None
@@ -183,6 +215,19 @@ class SevenNetBackend(MLIPBackend):
             self._cutoff = float(cp.config[KEY.CUTOFF])
             self._known_z = set(int(z) for z in cp.config[KEY.TYPE_MAP])
             self._net = net.to(device=self.device, dtype=self.dtype).eval()
+
+    def supported_elements(self) -> set[int] | None:
+        if self.mode == "ase":
+            return None
+        self._load()
+        return set(self._known_z)
+
+    def ase_calculator(self) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from sevenn.calculator import SevenNetCalculator
+
+            return SevenNetCalculator(self.model, device=self.device, modal=self.modal)
 
     def _graph(self, atoms: "Atoms") -> Any:
         import sevenn._keys as KEY
@@ -254,6 +299,14 @@ class CHGNetBackend(MLIPBackend):
         self._net: Any = None
         self._lock = threading.Lock()
 
+    def supported_elements(self) -> set[int] | None:
+        return set(range(1, self.MAX_Z + 1))
+
+    def ase_calculator(self) -> Any:
+        from chgnet.model.dynamics import CHGNetCalculator
+
+        return CHGNetCalculator(model=self._load(), use_device=str(self.device))
+
     def _load(self) -> Any:
         with self._lock:
             if self._net is None:
@@ -300,7 +353,7 @@ class MACEBackend(ASECalculatorBackend):
         device: str | torch.device | None = "auto",
         dtype: str | torch.dtype = "float64",
     ) -> None:
-        _require("mace", "mace", "mace", " (in an environment without sevenn: mace pins e3nn==0.4.4)")
+        _require("mace", "mace", "mace-torch", " in an environment without sevenn (mace-torch pins e3nn==0.4.4)")
         device_, dtype_ = resolve_device(device), resolve_dtype(dtype)
         model = str(model)
 
@@ -311,7 +364,13 @@ class MACEBackend(ASECalculatorBackend):
             dtype_name = "float64" if dtype_ == torch.float64 else "float32"
             if Path(model).expanduser().is_file():
                 return MACECalculator(model_paths=str(Path(model).expanduser()), device=str(device_), default_dtype=dtype_name)
-            return mace_mp(model=model, device=str(device_), default_dtype=dtype_name)
+            try:
+                return mace_mp(model=model, device=str(device_), default_dtype=dtype_name)
+            except Exception as err:  # mace_mp downloads named models; offline that fails deep inside mace
+                raise RuntimeError(
+                    f"MACE model {model!r} could not be loaded ({err}); without network access pass the path of a "
+                    "local .model file"
+                ) from err
 
         super().__init__(factory, name="mace", model=model, device=device_, dtype=dtype_)
 

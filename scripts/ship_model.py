@@ -1,0 +1,53 @@
+"""Copy a trained base model into the package with its model card.
+
+    python scripts/ship_model.py runs/perov_5/model.pt perov_5 --eval eval.json --command "crystalign train perov_5_cpu ..."
+
+The card records the training command, data checksum, seed, versions, held-out metrics and coverage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from crystalign.generator import Generator, load_checkpoint_file, pretrained_dir
+from crystalign.io import save_torch, write_json
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("name")
+    ap.add_argument("--eval", default=None, help="JSON written by bench/csp_eval.py")
+    ap.add_argument("--command", default="")
+    ap.add_argument("--description", default="")
+    args = ap.parse_args()
+    ckpt = load_checkpoint_file(args.model)
+    ckpt = ckpt.get("generator", ckpt)
+    gen = Generator.from_checkpoint_dict(ckpt, where=args.model)  # validates before shipping
+    prov = ckpt.get("provenance", {})
+    card = {
+        "name": args.name,
+        "description": args.description,
+        "training_command": args.command,
+        "config": prov.get("config"),
+        "data_sha256": prov.get("data_sha256"),
+        "seed": prov.get("seed"),
+        "versions": prov.get("versions"),
+        "n_train": prov.get("n_train"),
+        "n_holdout": prov.get("n_holdout"),
+        "coverage": gen.coverage,
+        "parameters": sum(p.numel() for p in gen.net.parameters()),
+        "model_hash": gen.model_hash(),
+    }
+    if args.eval:
+        card["validation"] = json.loads(Path(args.eval).read_text())
+    dest = pretrained_dir() / f"{args.name}.pt"
+    save_torch(dest, ckpt)
+    write_json(dest.with_suffix(".json"), card)
+    print(f"shipped {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""``crystalign predict`` (the main job) and ``crystalign models``."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from crystalign.cli.generate import _fail
+from crystalign.predict import DEFAULT_COMPOSITION, DEFAULT_MODEL
+
+
+def predict_cmd(
+    composition: str = typer.Argument(DEFAULT_COMPOSITION, help="Chemical formula of one cell, e.g. SrTiO3."),
+    n: int = typer.Option(32, "-n", help="Number of candidates to sample."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Shipped model name (see `crystalign models`) or checkpoint path."),
+    reward: str = typer.Option("energy", "--reward", help="Objective to steer toward; 'energy' = MLIP energy per atom."),
+    backend: str = typer.Option("sevenn", "--backend", help="MLIP for energies, RL reward and relaxation: sevenn, chgnet or mace."),
+    rl_steps: int = typer.Option(20, "--rl-steps", help="Iterations of inference-time RL on this composition (0 = base model only)."),
+    relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
+    relax_steps: int = typer.Option(100, "--relax-steps"),
+    steps: int = typer.Option(50, "--steps", help="Integration time points."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default predictions/FORMULA)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Predict likely low-energy crystal structures of a composition; writes CIFs and report.html.
+
+    Examples:
+      crystalign predict                          # SrTiO3 on the shipped perov_5 model
+      crystalign predict BaZrO3 -n 64 --rl-steps 30 --out predictions/BaZrO3
+      crystalign predict CaTiO3 --rl-steps 0 --no-relax
+    """
+    from crystalign.predict import CoverageWarning, predict
+
+    if reward != "energy":
+        _fail(f"--reward {reward!r}: predict ranks by MLIP energy; use `crystalign rl fit` with a config for other rewards")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CoverageWarning)
+        try:
+            result = predict(
+                composition, n=n, model=model, backend=backend, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps,
+                steps=steps, out=str(out) if out else "", resume=resume, seed=seed, device=device,
+                progress=True,
+            )
+        except KeyboardInterrupt:
+            where = out or "the output folder"
+            typer.secho(f"interrupted: finished stages are saved in {where}; rerun with --resume to continue", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130)
+        except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
+            _fail(str(err))
+        finally:
+            for w in caught:
+                if issubclass(w.category, CoverageWarning):
+                    typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
+    s = result.summary
+    typer.echo(f"\n{s['formula']}: {s['n_unique']} unique valid candidates of {s['n']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom)")
+    for row in result.candidates[:10]:
+        typer.echo(f"  {row['rank']:>3}  {row['formula']:<12} {row['spacegroup']:<16} {row['energy_per_atom_ev']:9.4f} eV/atom  +{row['energy_above_best_mev']:6.1f} meV  {row['file']}")
+    typer.echo(f"report: {result.out_dir / 'report.html'}")
+
+
+def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the shipped pretrained models and their model cards.
+
+    Example: crystalign models --json
+    """
+    from crystalign.generator import shipped_models
+
+    cards = {}
+    for name, path in shipped_models().items():
+        card_path = path.with_suffix(".json")
+        cards[name] = json.loads(card_path.read_text()) if card_path.exists() else {"file": str(path)}
+    if as_json:
+        typer.echo(json.dumps(cards, indent=2))
+        return
+    if not cards:
+        typer.echo("no shipped models")
+    for name, card in cards.items():
+        cov = card.get("coverage", {})
+        metrics = card.get("validation", {})
+        typer.echo(
+            f"{name:<12} {card.get('description', '')}\n"
+            f"{'':<12} atoms/cell {cov.get('n_atoms_min', '?')}–{cov.get('n_atoms_max', '?')}, {len(cov.get('elements', []))} elements; "
+            f"held-out match rate {metrics.get('match_rate', '?')}"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict_cmd)
+    app.command("models")(models_cmd)

@@ -1,0 +1,393 @@
+"""The main job: likely low-energy crystal structures of one composition.
+
+Base model samples → optional inference-time RL on this composition → optional MLIP relaxation →
+duplicate removal → ranking by energy per atom → CIFs, extxyz, JSON and ``report.html``.
+Every stage writes its results before the next starts, so an interrupted run resumes with ``resume=True``.
+
+Example::
+
+    import crystalign
+    result = crystalign.predict("SrTiO3", n=16, rl_steps=10, out="predictions/SrTiO3")
+    best = result.structures[0]; print(best.composition, result.energies[0])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from crystalign.crystal import CrystalBatch
+from crystalign.generator import Generator, composition_batch, parse_composition
+from crystalign.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPOSITION = "SrTiO3"
+DEFAULT_MODEL = "perov_5"
+
+
+class CoverageWarning(UserWarning):
+    """The composition lies outside what the model saw in training."""
+
+
+@dataclass
+class PredictOptions:
+    composition: str = DEFAULT_COMPOSITION
+    n: int = 32
+    model: str = DEFAULT_MODEL
+    backend: str = "sevenn"
+    rl_steps: int = 20
+    rl_variant: str = "velocity"
+    rl_group_size: int = 8
+    rl_groups: int = 4
+    rl_lr: float = 3e-4
+    rl_noise: float = 0.1668100537
+    steps: int = 50
+    relax: bool = True
+    relax_steps: int = 100
+    fmax: float = 0.05
+    seed: int = 0
+    out: str = ""
+    resume: bool = False
+    device: str = "cpu"
+    top_k: int = 6
+
+    def validate(self) -> None:
+        if self.n <= 0:
+            raise ValueError(f"-n must be a positive number of candidates, got {self.n}")
+        if self.rl_steps < 0:
+            raise ValueError(f"--rl-steps must be >= 0, got {self.rl_steps}")
+        if self.steps < 2:
+            raise ValueError(f"--steps must be >= 2, got {self.steps}")
+        if self.relax_steps < 0:
+            raise ValueError(f"--relax-steps must be >= 0, got {self.relax_steps}")
+
+
+@dataclass
+class PredictResult:
+    """Ranked unique candidates (best first) with energies per atom (eV/atom; NaN if invalid)."""
+
+    structures: list
+    energies: list[float]
+    summary: dict[str, Any]
+    out_dir: Path
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- checks before any work
+def check_output_dir(out: Path) -> None:
+    """Fail before any work if ``out`` cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"output folder {out} is not writable: {err.strerror or err}") from None
+
+
+def coverage_warnings(gen: Generator, species: list[int]) -> list[str]:
+    """Human-readable warnings when the composition is outside the model's training coverage."""
+    from pymatgen.core import Element
+
+    cov = gen.coverage or {}
+    out = []
+    seen = set(cov.get("elements") or [])
+    if seen:
+        unseen = sorted({Element.from_Z(z).symbol for z in species} - seen)
+        if unseen:
+            out.append(f"element(s) {', '.join(unseen)} never appear in this model's training data; expect poor structures")
+    lo, hi = cov.get("n_atoms_min"), cov.get("n_atoms_max")
+    if lo is not None and hi is not None and not lo <= len(species) <= hi:
+        out.append(f"{len(species)} atoms per cell lies outside the training range {lo}–{hi}")
+    return out
+
+
+# ---------------------------------------------------------------------- stages
+class _Stages:
+    """Persistent record of finished stages in ``OUT/state.json`` (written atomically)."""
+
+    def __init__(self, out: Path, options: PredictOptions, resume: bool):
+        self.path = out / "state.json"
+        self.state: dict[str, Any] = {"options": asdict(options), "done": {}}
+        if resume and self.path.exists():
+            prev = json.loads(self.path.read_text())
+            keep = {k: v for k, v in asdict(options).items() if k not in ("resume", "out")}
+            old = {k: v for k, v in prev.get("options", {}).items() if k not in ("resume", "out")}
+            if keep != old:
+                changed = sorted(k for k in keep if keep[k] != old.get(k))
+                raise ValueError(f"--resume: options differ from the interrupted run in {', '.join(changed)}; use a new --out")
+            self.state = prev
+        elif not resume and self.path.exists():
+            raise FileExistsError(f"{out} already holds a prediction; pass --resume to continue it or choose another --out")
+
+    def done(self, name: str) -> bool:
+        return name in self.state["done"]
+
+    def mark(self, name: str, info: Any = True) -> None:
+        self.state["done"][name] = info
+        write_json(self.path, self.state)
+
+
+def _write_extxyz(path: Path, batch: CrystalBatch) -> None:
+    from ase.io import write as ase_write
+
+    with atomic_path(path) as tmp:
+        ase_write(tmp, batch.to_atoms(), format="extxyz")
+
+
+def _read_extxyz(path: Path) -> CrystalBatch:
+    from ase.io import read as ase_read
+
+    return CrystalBatch.from_atoms(ase_read(path, index=":", format="extxyz"))
+
+
+def relax_structures(batch: CrystalBatch, calculator_factory: Callable[[], Any], steps: int, fmax: float, folder: Path, progress: bool = True) -> CrystalBatch:
+    """ASE FIRE on positions and cell (Fréchet cell filter) with the MLIP calculator, at most ``steps`` steps.
+
+    One file per structure, so an interrupted relaxation resumes where it stopped. Invalid structures are
+    returned unchanged (an MLIP on overlapping atoms gives meaningless forces).
+    """
+    from ase.io import read as ase_read
+    from ase.io import write as ase_write
+    from ase.optimize import FIRE
+    from tqdm import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    valid = batch.validity().valid.tolist()
+    atoms_list = batch.to_atoms()
+    calc = None
+    out = []
+    for i, atoms in enumerate(tqdm(atoms_list, desc="relaxing", unit="structure", disable=not progress)):
+        path = folder / f"{i:05d}.extxyz"
+        if path.exists():
+            out.append(ase_read(path, format="extxyz"))
+            continue
+        if valid[i] and steps > 0:
+            if calc is None:
+                calc = calculator_factory()
+            atoms.calc = calc
+            try:
+                from ase.filters import FrechetCellFilter
+
+                target = FrechetCellFilter(atoms)
+            except ImportError:  # older ASE
+                target = atoms
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    FIRE(target, logfile=None).run(fmax=fmax, steps=steps)
+            except Exception as err:  # noqa: BLE001 - an MLIP failure on one structure must not stop the run
+                log.warning("relaxation of candidate %d failed (%s); keeping it unrelaxed", i, err)
+            atoms.calc = None
+        with atomic_path(path) as tmp:
+            ase_write(tmp, atoms, format="extxyz")
+        out.append(atoms)
+    return CrystalBatch.from_atoms(out).to(dtype=batch.dtype)
+
+
+def unique_ranked(structures: list, energies: np.ndarray, valid: np.ndarray) -> list[int]:
+    """Indices of unique valid candidates, lowest energy per atom first (benchmark StructureMatcher)."""
+    from crystalign.matching import make_matcher
+
+    matcher = make_matcher()
+    order = [i for i in np.argsort(np.where(valid, energies, np.inf), kind="stable") if valid[i]]
+    kept: list[int] = []
+    for i in order:
+        if not any(matcher.fit(structures[i], structures[j]) for j in kept):
+            kept.append(int(i))
+    return kept
+
+
+def _spacegroup(structure) -> str:
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        sga = SpacegroupAnalyzer(structure, symprec=0.1)
+        return f"{sga.get_space_group_symbol()} ({sga.get_space_group_number()})"
+    except Exception:  # noqa: BLE001 - spglib can fail on odd cells; the table shows a dash
+        return "—"
+
+
+# ---------------------------------------------------------------------- the pipeline
+def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **options: Any) -> PredictResult:
+    """Predict likely low-energy structures of ``composition``; see :class:`PredictOptions` for options."""
+    from crystalign.rewards import EnergyReward
+    from crystalign.rewards.mlip import get_backend
+    from crystalign.training import versions
+
+    opts = PredictOptions(composition=composition, **options)
+    opts.validate()
+    t_start = time.time()
+    # cheap checks first: composition, output folder, model, MLIP element support
+    species = parse_composition(opts.composition)
+    from pymatgen.core import Composition
+
+    formula = Composition(opts.composition).reduced_formula
+    out = Path(opts.out or f"predictions/{formula}")
+    check_output_dir(out)
+    stages = _Stages(out, opts, opts.resume)
+    gen = Generator.load(opts.model).to(opts.device)
+    species = parse_composition(opts.composition, max_atoms=gen.config.max_atoms)
+    warns = coverage_warnings(gen, species)
+    for w in warns:
+        warnings.warn(f"{opts.composition}: {w}", CoverageWarning, stacklevel=2)
+    backend = get_backend(opts.backend)
+    check_supported = getattr(backend, "check_elements", None)
+    if check_supported is not None:
+        check_supported(species)
+    reward = EnergyReward(backend)
+    template = composition_batch([opts.composition], opts.n, max_atoms=gen.config.max_atoms)
+    summary: dict[str, Any] = {
+        "composition": opts.composition,
+        "formula": formula,
+        "model": opts.model,
+        "model_hash": gen.model_hash(),
+        "reward": f"energy per atom ({opts.backend})",
+        "seed": opts.seed,
+        "n": opts.n,
+        "steps": opts.steps,
+        "rl_steps": opts.rl_steps,
+        "relax": opts.relax,
+        "coverage_warnings": warns,
+        "versions": versions(),
+        "command": " ".join(sys.argv) if sys.argv else "",
+    }
+
+    # 1. base model samples
+    base_path = out / "base.extxyz"
+    if not stages.done("base"):
+        base = gen.sample(template.to(dtype=torch.float32), seed=opts.seed, steps=opts.steps)
+        _write_extxyz(base_path, base)
+        stages.mark("base")
+    base = _read_extxyz(base_path)
+    base_result = reward(base)
+    base_energy = base_result.info["energy_per_atom_ev"].numpy()
+
+    # 2. inference-time RL on this composition
+    history: list[dict[str, Any]] = []
+    candidates = base
+    if opts.rl_steps > 0:
+        rl_path = out / "rl_samples.extxyz"
+        history = _run_rl(gen, reward, opts, out / "rl", progress)
+        if not stages.done("rl_samples"):
+            from crystalign.rl.loop import load_policy, rollout
+
+            policy, _ = load_policy(out / "rl" / "last.pt")
+            rl_batch = rollout(policy, template.to(dtype=torch.float32), opts.steps, torch.Generator().manual_seed(opts.seed + 1), store=False).final
+            _write_extxyz(rl_path, rl_batch)
+            stages.mark("rl_samples")
+        candidates = _read_extxyz(rl_path)
+    cand_result = reward(candidates) if opts.rl_steps > 0 else base_result
+    sampled_energy = cand_result.info["energy_per_atom_ev"].numpy()
+
+    # 3. relaxation with the same MLIP
+    if opts.relax:
+        candidates = relax_structures(candidates, lambda: backend.ase_calculator(), opts.relax_steps, opts.fmax, out / "relax", progress)
+        stages.mark("relax")
+    final = reward(candidates) if opts.relax else cand_result
+    energy = final.info["energy_per_atom_ev"].numpy()
+    valid = final.info["valid"].numpy().astype(bool)
+
+    # 4. unique candidates ranked by energy per atom
+    structures = candidates.to_structures()
+    order = unique_ranked(structures, energy, valid)
+    ranked = [structures[i] for i in order]
+    best = float(energy[order[0]]) if order else math.nan
+    (out / "candidates").mkdir(exist_ok=True)
+    rows = []
+    for rank, i in enumerate(order, start=1):
+        s = structures[i]
+        name = f"candidates/{rank:03d}_{s.composition.reduced_formula}.cif"
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(s.to(fmt="cif"))
+        rows.append(
+            {
+                "rank": rank,
+                "id": f"candidate_{i:04d}",
+                "formula": s.composition.reduced_formula,
+                "spacegroup": _spacegroup(s),
+                "energy_per_atom_ev": float(energy[i]),
+                "energy_above_best_mev": 1000.0 * (float(energy[i]) - best),
+                "valid": True,
+                "file": name,
+            }
+        )
+    if order:
+        _write_extxyz(out / "candidates.extxyz", candidates[torch.tensor(order)])
+    n_valid = int(valid.sum())
+    summary.update(
+        {
+            "n_valid": n_valid,
+            "n_unique": len(order),
+            "best_energy_per_atom_ev": best,
+            "base_energy_per_atom_ev_mean": _nanmean(base_energy),
+            "sampled_energy_per_atom_ev_mean": _nanmean(sampled_energy),
+            "final_energy_per_atom_ev_mean": _nanmean(energy),
+            "base_invalid_fraction": float(np.isnan(base_energy).mean()),
+            "wall_time_s": time.time() - t_start,
+        }
+    )
+    write_json(out / "summary.json", {**summary, "candidates": rows, "rl_history": history})
+    from crystalign.report import write_report
+
+    write_report(
+        out,
+        title=f"crystalign predict {formula}",
+        summary=summary,
+        candidates=rows,
+        history=history or None,
+        energies_before=[float(e) for e in base_energy if np.isfinite(e)],
+        energies_after=[float(e) for e in sampled_energy if np.isfinite(e)] if opts.rl_steps > 0 else None,
+        structures=ranked,
+        top_k=opts.top_k,
+    )
+    stages.mark("report")
+    return PredictResult(structures=ranked, energies=[r["energy_per_atom_ev"] for r in rows], summary=summary, out_dir=out, candidates=rows)
+
+
+def _nanmean(x: np.ndarray) -> float | None:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else None
+
+
+def _run_rl(gen: Generator, reward, opts: PredictOptions, folder: Path, progress: bool) -> list[dict[str, Any]]:
+    """K iterations of inference-time RL with GRPO groups drawn from this one composition (resumable)."""
+    from crystalign.rl.loop import Policy, RLConfig, RLTrainer
+
+    cfg = RLConfig(
+        seed=opts.seed,
+        variant=opts.rl_variant,
+        fields=["pos"],
+        steps=opts.steps,
+        noise={"pos": {"kind": "sqrt", "a": opts.rl_noise}, "cell": {"kind": "sqrt", "a": opts.rl_noise}},
+        group_size=opts.rl_group_size,
+        num_groups=opts.rl_groups,
+        ppo_epochs=1,
+        lr=opts.rl_lr,
+        costs={"pos_policy": 1.0, "pos_regularization": 1e-3},
+        iterations=opts.rl_steps,
+        reward="energy",
+        duplicate_check=False,
+    )
+    cfg.validation.every = 0
+    policy = Policy(gen, cfg)
+    comps = composition_batch([opts.composition], 1, max_atoms=gen.config.max_atoms).to(dtype=torch.float32)
+    trainer = RLTrainer(policy, reward, cfg, comps, progress=progress)
+    resume = (folder / "last.pt").exists()
+    if resume:
+        state = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
+        if state["iteration"] >= cfg.iterations:
+            return list(state["history"])
+    return trainer.fit(folder, resume=resume)
