@@ -94,6 +94,17 @@ def test_shipped_presets_parse():
         Interpolants.from_config(cfg.generator.interpolants)
 
 
+def test_shipped_rl_presets_parse():
+    from crystalign.rl.loop import RLConfig
+
+    root = Path(__import__("crystalign").__file__).parent / "configs"
+    presets = sorted(root.glob("rl_*.yaml"))
+    assert len(presets) >= 4
+    for path in presets:
+        cfg = load_config(path, RLConfig)
+        assert cfg.fields and cfg.iterations > 0
+
+
 def test_ddp_two_cpu_processes_keep_weights_identical(tmp_path, data_root):
     """2-process DDP (gloo) for a few steps; parameters must agree across ranks afterwards."""
     cfg = tiny_config(

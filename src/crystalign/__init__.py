@@ -2,12 +2,34 @@
 
 Example::
 
-    from crystalign import CrystalBatch
-    batch = CrystalBatch.from_structures(structures)
-    print(batch.validity().valid)
+    import crystalign
+    result = crystalign.predict("SrTiO3", n=16, rl_steps=10)
+    print(result.structures[0], result.energies[0])
 """
 
 from crystalign.crystal import CrystalBatch
+from crystalign.generator import Generator
 
 __version__ = "0.1.0"
-__all__ = ["CrystalBatch", "__version__"]
+__all__ = ["CrystalBatch", "Generator", "csp_metrics", "load_dataset", "make_reward", "predict", "__version__"]
+
+
+def __getattr__(name: str):
+    # heavy modules (pymatgen analysis, MLIPs) load on first use, keeping `import crystalign` fast
+    if name == "predict":
+        from crystalign.predict import predict
+
+        return predict
+    if name == "csp_metrics":
+        from crystalign.metrics import csp_metrics
+
+        return csp_metrics
+    if name == "load_dataset":
+        from crystalign.data import load_dataset
+
+        return load_dataset
+    if name == "make_reward":
+        from crystalign.rewards import make_reward
+
+        return make_reward
+    raise AttributeError(f"module 'crystalign' has no attribute {name!r}")

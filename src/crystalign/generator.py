@@ -199,7 +199,7 @@ def parse_composition(formula: str, max_atoms: int | None = None) -> list[int]:
     species: list[int] = []
     for el, amt in comp.items():
         if not hasattr(el, "Z") or getattr(el, "is_dummy", False) or el.Z < 1 or el.Z > MAX_ATOMIC_NUMBER:
-            raise ValueError(f"composition {formula!r}: unknown or unsupported element {el}")
+            raise ValueError(f"composition {formula!r}: unknown or unsupported element {getattr(el, 'symbol', el)}")
         if abs(amt - round(amt)) > 1e-6:
             raise ValueError(f"composition {formula!r}: fractional count {amt} of {el}; give integer counts per cell")
         species += [el.Z] * int(round(amt))

@@ -42,7 +42,6 @@ def fit_cmd(
     """
     from crystalign.config import ConfigError, load_config
     from crystalign.generator import Generator
-    from crystalign.rewards import make_reward
     from crystalign.rl.loop import Policy, RLConfig, RLDivergedError, RLTrainer, load_scale_model
 
     try:
@@ -57,11 +56,13 @@ def fit_cmd(
     try:
         base = Generator.load(base_checkpoint).to(cfg.device)
         train, hold = load_rl_compositions(cfg, str(data_root) if data_root else None)
-        reward = make_reward(cfg.reward)
+        reward, val_reward = build_rewards(cfg.reward, train, hold)
         policy = Policy(base, cfg, scale_model=load_scale_model(cfg.scale_model)).to(cfg.device)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
-    trainer = RLTrainer(policy, reward, cfg, train.to(cfg.device, dtype=torch.float32), hold.to(cfg.device, dtype=torch.float32))
+    trainer = RLTrainer(
+        policy, reward, cfg, train.to(cfg.device, dtype=torch.float32), hold.to(cfg.device, dtype=torch.float32), validation_reward=val_reward
+    )
     try:
         history = trainer.fit(out, resume=resume)
     except RLDivergedError as err:
@@ -72,6 +73,19 @@ def fit_cmd(
         write_rl_report(out, trainer)
     last = history[-1] if history else {}
     typer.echo(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}, indent=2))
+
+
+def build_rewards(spec, train, hold):
+    """(training reward, validation reward). A cRMSE reward without ``references`` compares against the
+    training structures during training and the held-out structures during validation (method.md §3.9)."""
+    from crystalign.rewards import make_reward
+
+    if isinstance(spec, dict) and spec.get("kind") == "crmse" and "references" not in spec:
+        train_reward = make_reward({**spec, "references": train.to_structures()})
+        val_reward = make_reward({**spec, "references": hold.to_structures()}) if hold.num_structures else train_reward
+        return train_reward, val_reward
+    reward = make_reward(spec)
+    return reward, reward
 
 
 def write_rl_report(out: Path, trainer) -> None:

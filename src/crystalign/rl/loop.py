@@ -248,9 +248,11 @@ class RLTrainer:
         compositions: CrystalBatch,
         validation: CrystalBatch | None = None,
         progress: bool = True,
+        validation_reward: Callable[[CrystalBatch], Any] | None = None,
     ):
         self.policy = policy
         self.reward = reward
+        self.validation_reward = validation_reward or reward
         self.config = config
         self.compositions = compositions
         self.validation = validation
@@ -407,7 +409,7 @@ class RLTrainer:
         template = self.validation[: vc.num_compositions].repeat_interleave(vc.samples_per_composition)
         g = torch.Generator().manual_seed(10_000 + self.config.seed)  # the same x0 every validation
         traj = rollout(self.policy, template, self.config.steps, g, store=False)
-        result = self.reward(traj.final)
+        result = self.validation_reward(traj.final)
         row = self._monitor(traj.final, result.rewards.double(), result.info, None)
         return {f"val_{k}": v for k, v in row.items()}
 

@@ -1,0 +1,3 @@
+from crystalign.cli import main
+
+main()

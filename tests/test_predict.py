@@ -1,0 +1,105 @@
+"""`crystalign predict`: the shipped model, the real MLIP, bad input, interruption and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from crystalign.cli import app
+from crystalign.predict import CoverageWarning, predict
+
+FAST = dict(n=4, rl_steps=2, steps=6, relax_steps=3, rl_group_size=2, rl_groups=2)
+
+
+def test_predict_api_ranks_unique_candidates(tmp_path):
+    result = predict("SrTiO3", out=str(tmp_path / "p"), progress=False, **FAST)
+    assert result.structures, "no valid candidate"
+    assert result.energies == sorted(result.energies)
+    assert all(s.composition.reduced_formula == "SrTiO3" for s in result.structures)
+    out = tmp_path / "p"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 4 and summary["rl_steps"] == 2 and len(summary["rl_history"]) == 2
+    assert summary["seed"] == 0 and "torch" in summary["versions"] and summary["model_hash"]
+    assert (out / "report.html").exists() and (out / "candidates.extxyz").exists()
+    for row in summary["candidates"]:
+        assert (out / row["file"]).exists()
+    html = (out / "report.html").read_text()
+    assert "SrTiO3" in html and "data:image/png;base64" in html
+
+
+def test_predict_warns_outside_training_coverage(tmp_path, mp20_sample_csv):
+    import pandas as pd
+
+    formula = str(pd.read_csv(mp20_sample_csv)["pretty_formula"].iloc[0])  # GaTe: 2 atoms per cell, perov_5 saw only 5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict(formula, out=str(tmp_path / "p"), progress=False, n=2, rl_steps=0, steps=4, relax=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CoverageWarning)]
+    assert any("outside the training range" in m or "never appear" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["Xx3O"], "unknown or unsupported element Xx"),
+        ([""], "cannot parse"),
+        (["SrTiO3", "-n", "0"], "positive number"),
+        (["AmO2", "--no-relax", "--rl-steps", "0"], "does not support element"),
+    ],
+)
+def test_predict_bad_input(tmp_path, args, message):
+    res = CliRunner().invoke(app, ["predict", *args, "--out", str(tmp_path / "p")])
+    assert res.exit_code != 0
+    assert message in res.output
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    t0 = time.time()
+    res = CliRunner().invoke(app, ["predict", "SrTiO3", "--out", str(blocker / "sub")])
+    assert res.exit_code != 0 and "not writable" in res.output
+    assert time.time() - t0 < 5  # no model or MLIP was loaded
+
+
+def test_existing_output_needs_resume(tmp_path):
+    out = tmp_path / "p"
+    predict("SrTiO3", out=str(out), progress=False, n=2, rl_steps=0, steps=4, relax=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        predict("SrTiO3", out=str(out), progress=False, n=2, rl_steps=0, steps=4, relax=False)
+    with pytest.raises(ValueError, match="options differ"):
+        predict("SrTiO3", out=str(out), progress=False, n=3, rl_steps=0, steps=4, relax=False, resume=True)
+
+
+def test_ctrl_c_keeps_partial_results_and_resume_finishes(tmp_path):
+    out = tmp_path / "p"
+    cmd = [sys.executable, "-m", "crystalign.cli", "predict", "SrTiO3", "-n", "4", "--rl-steps", "12", "--steps", "6", "--relax-steps", "2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "rl" / "last.pt").exists():
+        time.sleep(0.2)
+    assert (out / "rl" / "last.pt").exists(), "the run never reached the RL stage"
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    assert "--resume" in output
+    base = (out / "base.extxyz").read_bytes()
+    import torch
+
+    done = torch.load(out / "rl" / "last.pt", weights_only=True)["iteration"]
+    assert 1 <= done < 12
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (out / "base.extxyz").read_bytes() == base  # finished stages are not redone
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["iteration"] for r in summary["rl_history"]] == list(range(1, 13))
