@@ -456,11 +456,14 @@ class RLTrainer:
             if not last.exists():
                 raise FileNotFoundError(f"--resume: no {last} to resume from")
             self.load_state(torch.load(last, map_location="cpu", weights_only=True))
+        vc = self.config.validation
+        if vc.every and self.iteration == 0 and not self.history:
+            # the untrained policy (stochastic, as it will be trained): the baseline of every validation curve
+            self.history.append({"iteration": 0, **self.validate()})
         bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="rl", unit="it", disable=not self.progress or self.rank != 0)
         while self.iteration < self.config.iterations:
             row = self.step()
             self.iteration += 1
-            vc = self.config.validation
             if vc.every and self.iteration % vc.every == 0:
                 row.update(self.validate())
             self.history.append(row)
