@@ -18,7 +18,7 @@ from crystalign.config import from_dict
 from crystalign.generator import Generator, load_checkpoint_file
 from crystalign.io import write_json
 from crystalign.metrics import csp_metrics
-from crystalign.training import DataConfig, load_training_data
+from crystalign.data.splits import DataConfig, load_training_data
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from crystalign.io import write_json
 from crystalign.metrics import csp_metrics
 from crystalign.rewards import EnergyReward
 from crystalign.rl.loop import Policy, load_policy, rollout
-from crystalign.training import DataConfig, load_training_data
+from crystalign.data.splits import DataConfig, load_training_data
 
 
 def energy_stats(batch, reward) -> dict:
@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     policy, state = load_policy(args.checkpoint)
     cfg = policy.config
-    _, hold, _ = load_training_data(DataConfig(dataset=cfg.data.dataset, split=cfg.data.split, holdout_fraction=cfg.data.holdout_fraction, split_seed=cfg.data.split_seed, niggli=cfg.data.niggli))
+    _, hold, _ = load_training_data(cfg.data)
     if args.limit:
         hold = hold[: args.limit]
     template = hold.to(dtype=torch.float32)

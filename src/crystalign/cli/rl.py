@@ -14,18 +14,6 @@ from crystalign.cli.generate import _fail, resolve_config
 app = typer.Typer(help="Inference-time reinforcement learning (OMatG-IRL) on a base model.", no_args_is_help=True)
 
 
-def load_rl_compositions(cfg, data_root: str | None = None):
-    """(train, held-out) composition batches from the RL config's dataset, seeded split."""
-    from crystalign.training import DataConfig, load_training_data
-
-    d = cfg.data
-    train, hold, _ = load_training_data(
-        DataConfig(dataset=d.dataset, split=d.split, holdout_fraction=d.holdout_fraction, split_seed=d.split_seed, niggli=d.niggli, max_structures=d.max_structures),
-        data_root,
-    )
-    return train, hold
-
-
 @app.command("fit")
 def fit_cmd(
     config: Path = typer.Argument(..., help="RL YAML config (shipped presets: rl_perov_5_velocity_cpu, ...)."),
@@ -42,6 +30,7 @@ def fit_cmd(
     """
     from crystalign.config import ConfigError, load_config
     from crystalign.generator import Generator
+    from crystalign.data.splits import load_training_data
     from crystalign.rl.loop import Policy, RLConfig, RLDivergedError, RLTrainer, load_scale_model
 
     try:
@@ -55,7 +44,7 @@ def fit_cmd(
     torch.manual_seed(cfg.seed)
     try:
         base = Generator.load(base_checkpoint).to(cfg.device)
-        train, hold = load_rl_compositions(cfg, str(data_root) if data_root else None)
+        train, hold, _ = load_training_data(cfg.data, str(data_root) if data_root else None)
         reward, val_reward = build_rewards(cfg.reward, train, hold)
         policy = Policy(base, cfg, scale_model=load_scale_model(cfg.scale_model)).to(cfg.device)
     except (FileNotFoundError, ValueError, ConfigError) as err:

@@ -31,6 +31,7 @@ from torch import nn
 
 from crystalign.config import to_dict
 from crystalign.crystal import CrystalBatch
+from crystalign.data.splits import DataConfig
 from crystalign.generator import Generator
 from crystalign.interpolants import FIELDS, time_grid
 from crystalign.model.cspnet import build_edges
@@ -51,18 +52,6 @@ NETWORK_VARIANTS = ("velocity", "score", "scaled_velocity")
 
 class RLDivergedError(RuntimeError):
     """A run stopped by a reward-hacking guard (e.g. too many invalid structures)."""
-
-
-@dataclass
-class RLDataConfig:
-    """Where training compositions come from: a dataset (name or path) split into train/held-out."""
-
-    dataset: str = "perov_5"
-    split: str = "val"
-    holdout_fraction: float = 0.1
-    split_seed: int = 0
-    niggli: bool = True
-    max_structures: int | None = None
 
 
 @dataclass
@@ -93,7 +82,7 @@ class RLConfig:
     iterations: int = 100
     minibatch_trajectories: int | None = None
     reward: Any = "energy"
-    data: RLDataConfig = field(default_factory=RLDataConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     validation: RLValidationConfig = field(default_factory=RLValidationConfig)
     max_invalid_fraction: float = 0.95
     duplicate_check: bool = True
