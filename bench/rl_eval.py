@@ -20,7 +20,7 @@ from crystalign.io import write_json
 from crystalign.metrics import csp_metrics
 from crystalign.rewards import EnergyReward
 from crystalign.rl.loop import Policy, load_policy, rollout
-from crystalign.data.splits import DataConfig, load_training_data
+from crystalign.data.splits import load_training_data
 
 
 def energy_stats(batch, reward) -> dict:

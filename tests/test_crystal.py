@@ -149,7 +149,6 @@ def test_bad_inputs():
         CrystalBatch(torch.tensor([1, 1]), torch.zeros(2, 3), torch.eye(3)[None], torch.tensor([3]))
     with pytest.raises(ValueError, match="atomic numbers"):
         CrystalBatch._from_numpy([np.array([0])], [np.zeros((1, 3))], [np.eye(3)], [1], None, torch.float64)
-    from pymatgen.core import Composition  # noqa: F401
 
     disordered = Structure(Lattice.cubic(4), [{"Na": 0.5, "K": 0.5}], [[0, 0, 0]])
     with pytest.raises(ValueError, match="partial occupancy"):

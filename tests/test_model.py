@@ -387,7 +387,11 @@ def test_import_command(tmp_path):
     result = runner.invoke(app, ["import-omatg", str(src), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "CSP CSPNet 2 x 16" in result.output
-    load_model_checkpoint(out)
+    from crystalign.generator import Generator, composition_batch
+
+    gen = Generator.load(out)  # usable wherever a crystalign model is: sample, rl fit, predict
+    assert gen.net.config.hidden_dim == 16 and gen.interpolants["pos"].uses_denoiser
+    assert gen.sample(composition_batch(["SrTiO3"], 2), seed=0, steps=3).num_structures == 2
     again = runner.invoke(app, ["import-omatg", str(src), "--out", str(out)])
     assert again.exit_code == 1 and "--force" in again.output
     bad = runner.invoke(app, ["import-omatg", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "n.pt")])

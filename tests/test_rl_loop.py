@@ -4,7 +4,6 @@ resume, reward-hacking guard and 2-process distributed training."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -166,3 +165,40 @@ def test_distributed_two_processes_keep_weights_identical(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["max_diff"] == 0.0
     assert result["moved"] > 0.0  # the ranks agree on weights that did change
+
+
+def test_rl_cli_fit_sample_plot(tmp_path, data_root):
+    """`rl fit` → `rl sample` (stochastic and --no-noise) → `rl plot-schedule`, on real perov_5 compositions."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from crystalign.cli import app
+    from crystalign.io import save_torch
+
+    save_torch(tmp_path / "base.pt", tiny_generator().checkpoint_dict())
+    cfg = {
+        "variant": "scale", "fields": ["pos", "cell"], "steps": 5, "group_size": 4, "num_groups": 2, "iterations": 2,
+        "noise": {"pos": {"kind": "constant", "a": 0.1}, "cell": {"kind": "constant", "a": 0.1}},
+        "costs": {"pos_policy": 1.0, "cell_policy": 1.0, "pos_regularization": 0.1},
+        "reward": {"kind": "non_triclinic"}, "duplicate_check": False,
+        "data": {"dataset": "perov_5", "max_structures": 40, "holdout_fraction": 0.1},
+        "validation": {"every": 1, "num_compositions": 4},
+    }
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["rl", "fit", str(tmp_path / "rl.yaml"), "-b", str(tmp_path / "base.pt"), "--out", str(out), "--data-root", str(data_root)])
+    assert res.exit_code == 0, res.output
+    history = json.loads((out / "history.json").read_text())
+    assert [r["iteration"] for r in history] == [0, 1, 2] and "val_reward_mean" in history[0]
+    assert (out / "best.pt").exists() and (out / "report.html").exists()
+    for extra in ([], ["--no-noise"]):
+        dest = tmp_path / f"samples{len(extra)}"
+        res = runner.invoke(app, ["rl", "sample", str(out / "best.pt"), "-c", "SrTiO3", "-n", "3", "--out", str(dest), *extra])
+        assert res.exit_code == 0, res.output
+        assert len(json.loads((dest / "index.json").read_text())) == 3
+    res = runner.invoke(app, ["rl", "plot-schedule", str(out / "best.pt"), "--out", str(tmp_path / "s.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    bad = runner.invoke(app, ["rl", "fit", str(tmp_path / "rl.yaml"), "-b", str(tmp_path / "missing.pt"), "--out", str(out)])
+    assert bad.exit_code != 0 and "missing.pt" in bad.output

@@ -12,20 +12,42 @@ from crystalign.model.checkpoint import CheckpointError
 def import_omatg(
     ckpt: Path = typer.Argument(..., help="The authors' OMatG checkpoint (Lightning .ckpt or a bare state dict)."),
     out: Path = typer.Option(..., "--out", "-o", help="crystalign model checkpoint to write (.pt)."),
+    config: str = typer.Option(
+        "mp_20_paper_gpu", "--config", help="Training config (preset name or YAML) giving the interpolants, base lattice and sampler of the checkpoint."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ) -> None:
-    """Convert an OMatG checkpoint into a crystalign model checkpoint (weights only, checked name by name)."""
-    from crystalign.model.omatg_import import import_omatg_checkpoint
+    """Convert an OMatG checkpoint into a crystalign model usable by sample, rl fit and predict.
+
+    The weights are checked name by name; interpolants, base distribution and sampler come from --config
+    (default: the paper's MP-20 Trig-SDE-Gamma setup, the checkpoint OMatG-IRL starts from).
+
+    Example: crystalign import-omatg MP-20-CSP/Trig-SDE-Gamma/model.ckpt --out mp20_trig_sde.pt
+    """
+    from crystalign.cli.generate import resolve_config
+    from crystalign.config import ConfigError, load_config
+    from crystalign.distributions import BaseDistribution
+    from crystalign.generator import Generator
+    from crystalign.io import save_torch
+    from crystalign.model.omatg_import import load_omatg_model
+    from crystalign.training import TrainConfig
 
     if out.exists() and not force:
         typer.echo(f"error: {out} exists; pass --force to overwrite it", err=True)
         raise typer.Exit(1)
     try:
-        meta = import_omatg_checkpoint(ckpt, out)
-    except (CheckpointError, FileNotFoundError) as err:
+        net, src = load_omatg_model(ckpt)
+        train_cfg = load_config(resolve_config(Path(config)), TrainConfig)
+        gen_cfg = train_cfg.generator
+        gen_cfg.net = net.config
+        base = BaseDistribution(gen_cfg.base.mu, gen_cfg.base.s) if gen_cfg.base.mu else BaseDistribution.from_preset(gen_cfg.base.lattice)
+        gen = Generator(gen_cfg, base)
+        gen.net.load_state_dict(net.state_dict())
+    except (CheckpointError, FileNotFoundError, ConfigError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    cfg, src = meta["model_config"], meta["source"]
+    save_torch(out, gen.checkpoint_dict(extra={"provenance": {"imported_from": src, "config": str(config)}}))
+    cfg, src = net.config.to_dict(), src
     kind = "DNG" if cfg["dng"] else "CSP"
     typer.echo(
         f"wrote {out}: {kind} CSPNet {cfg['num_layers']} x {cfg['hidden_dim']} "

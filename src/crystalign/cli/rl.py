@@ -27,6 +27,7 @@ def fit_cmd(
     """Reinforce a base model toward a reward.
 
     Example: crystalign rl fit rl_perov_5_velocity_cpu --base-checkpoint perov_5 --out runs/rl_perov
+    Several processes or GPUs: torchrun --nproc-per-node 4 -m crystalign.cli rl fit CONFIG -b CKPT
     """
     from crystalign.config import ConfigError, load_config
     from crystalign.generator import Generator
@@ -39,6 +40,7 @@ def fit_cmd(
         _fail(str(err))
     if iterations is not None:
         cfg.iterations = iterations
+    init_distributed(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -58,10 +60,22 @@ def fit_cmd(
         _fail(f"{err}. Last good checkpoint: {out / 'last.pt'}", code=3)
     except FileNotFoundError as err:
         _fail(str(err))
-    if report:
+    if report and trainer.rank == 0:
         write_rl_report(out, trainer)
     last = history[-1] if history else {}
     typer.echo(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}, indent=2))
+
+
+def init_distributed(device: str) -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): GRPO groups are then sharded."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def build_rewards(spec, train, hold):
