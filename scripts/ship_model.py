@@ -42,7 +42,13 @@ def main() -> None:
         "model_hash": gen.model_hash(),
     }
     if args.eval:
-        card["validation"] = json.loads(Path(args.eval).read_text())
+        ev = json.loads(Path(args.eval).read_text())
+        card["validation"] = {
+            "protocol": "one sample per held-out structure, StructureMatcher(stol 0.5, ltol 0.3, angle_tol 10)",
+            "data": ev.get("data"),
+            **{f"match_rate_{r['steps']}_steps" + (f"_anneal_{r['anneal_pos']:g}" if r["anneal_pos"] else ""): r["match_rate"] for r in ev["results"]},
+            "results": ev["results"],
+        }
     dest = pretrained_dir() / f"{args.name}.pt"
     save_torch(dest, ckpt)
     write_json(dest.with_suffix(".json"), card)

@@ -86,8 +86,12 @@ def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
         typer.echo(
             f"{name:<12} {card.get('description', '')}\n"
             f"{'':<12} atoms/cell {cov.get('n_atoms_min', '?')}–{cov.get('n_atoms_max', '?')}, {len(cov.get('elements', []))} elements; "
-            f"held-out match rate {metrics.get('match_rate', '?')}"
+            f"held-out match rate {_pct(metrics.get('match_rate_50_steps'))} (50 steps), {_pct(metrics.get('match_rate_500_steps'))} (500 steps)"
         )
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.1f} %" if isinstance(value, (int, float)) else "?"
 
 
 def register(app: typer.Typer) -> None:
