@@ -284,12 +284,16 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             from crystalign.rl.loop import load_policy, rollout
 
             policy, _ = load_policy(out / "rl" / "last.pt")
-            rl_batch = rollout(policy, template.to(dtype=torch.float32), opts.steps, torch.Generator().manual_seed(opts.seed + 1), store=False).final
+            # the mean path of the reinforced policy: exploration noise only costs energy at sampling time
+            rl_batch = rollout(policy, template.to(dtype=torch.float32), opts.steps, torch.Generator().manual_seed(opts.seed + 1), store=False, noise=False).final
             _write_extxyz(rl_path, rl_batch)
             stages.mark("rl_samples")
-        candidates = _read_extxyz(rl_path)
+        rl_candidates = _read_extxyz(rl_path)
+        rl_result = reward(rl_candidates)
+        # rank the union: a short per-query RL run can only add better candidates, never lose the base ones
+        candidates = CrystalBatch.cat([base, rl_candidates])
+    sampled_energy = (rl_result if opts.rl_steps > 0 else base_result).info["energy_per_atom_ev"].numpy()
     cand_result = reward(candidates) if opts.rl_steps > 0 else base_result
-    sampled_energy = cand_result.info["energy_per_atom_ev"].numpy()
 
     # 3. relaxation with the same MLIP
     if opts.relax:
@@ -333,6 +337,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             "best_energy_per_atom_ev": best,
             "base_energy_per_atom_ev_mean": _nanmean(base_energy),
             "sampled_energy_per_atom_ev_mean": _nanmean(sampled_energy),
+            "n_candidates": candidates.num_structures,
             "final_energy_per_atom_ev_mean": _nanmean(energy),
             "base_invalid_fraction": float(np.isnan(base_energy).mean()),
             "wall_time_s": time.time() - t_start,

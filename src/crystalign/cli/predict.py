@@ -58,7 +58,7 @@ def predict_cmd(
                 if issubclass(w.category, CoverageWarning):
                     typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
     s = result.summary
-    typer.echo(f"\n{s['formula']}: {s['n_unique']} unique valid candidates of {s['n']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom)")
+    typer.echo(f"\n{s['formula']}: {s['n_unique']} unique valid candidates of {s['n_candidates']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom)")
     for row in result.candidates[:10]:
         typer.echo(f"  {row['rank']:>3}  {row['formula']:<12} {row['spacegroup']:<16} {row['energy_per_atom_ev']:9.4f} eV/atom  +{row['energy_above_best_mev']:6.1f} meV  {row['file']}")
     typer.echo(f"report: {result.out_dir / 'report.html'}")
