@@ -55,6 +55,7 @@ class PredictOptions:
     steps: int = 50
     relax: bool = True
     relax_steps: int = 100
+    relax_top: int = 16
     fmax: float = 0.05
     seed: int = 0
     out: str = ""
@@ -69,6 +70,8 @@ class PredictOptions:
             raise ValueError(f"--rl-steps must be >= 0, got {self.rl_steps}")
         if self.steps < 2:
             raise ValueError(f"--steps must be >= 2, got {self.steps}")
+        if self.relax_top < 1:
+            raise ValueError(f"--relax-top must be >= 1, got {self.relax_top}")
         if self.relax_steps < 0:
             raise ValueError(f"--relax-steps must be >= 0, got {self.relax_steps}")
 
@@ -295,8 +298,11 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     sampled_energy = (rl_result if opts.rl_steps > 0 else base_result).info["energy_per_atom_ev"].numpy()
     cand_result = reward(candidates) if opts.rl_steps > 0 else base_result
 
-    # 3. relaxation with the same MLIP
+    # 3. relaxation with the same MLIP, of the lowest-energy valid candidates only (relaxation dominates run time)
     if opts.relax:
+        e = cand_result.info["energy_per_atom_ev"].numpy()
+        order = [int(i) for i in np.argsort(np.where(np.isfinite(e), e, np.inf), kind="stable") if np.isfinite(e[i])]
+        candidates = candidates[torch.tensor(order[: opts.relax_top], dtype=torch.long)] if order else candidates
         candidates = relax_structures(candidates, lambda: backend.ase_calculator(), opts.relax_steps, opts.fmax, out / "relax", progress)
         stages.mark("relax")
     final = reward(candidates) if opts.relax else cand_result
@@ -337,7 +343,8 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             "best_energy_per_atom_ev": best,
             "base_energy_per_atom_ev_mean": _nanmean(base_energy),
             "sampled_energy_per_atom_ev_mean": _nanmean(sampled_energy),
-            "n_candidates": candidates.num_structures,
+            "n_candidates": cand_result.rewards.numel(),
+            "n_relaxed": candidates.num_structures if opts.relax else 0,
             "final_energy_per_atom_ev_mean": _nanmean(energy),
             "base_invalid_fraction": float(np.isnan(base_energy).mean()),
             "wall_time_s": time.time() - t_start,

@@ -21,7 +21,8 @@ def predict_cmd(
     backend: str = typer.Option("sevenn", "--backend", help="MLIP for energies, RL reward and relaxation: sevenn, chgnet or mace."),
     rl_steps: int = typer.Option(20, "--rl-steps", help="Iterations of inference-time RL on this composition (0 = base model only)."),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
-    relax_steps: int = typer.Option(100, "--relax-steps"),
+    relax_steps: int = typer.Option(100, "--relax-steps", help="Maximum FIRE steps per structure."),
+    relax_top: int = typer.Option(16, "--relax-top", help="Relax only this many lowest-energy candidates."),
     steps: int = typer.Option(50, "--steps", help="Integration time points."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default predictions/FORMULA)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
@@ -43,7 +44,7 @@ def predict_cmd(
         warnings.simplefilter("always", CoverageWarning)
         try:
             result = predict(
-                composition, n=n, model=model, backend=backend, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps,
+                composition, n=n, model=model, backend=backend, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
                 steps=steps, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
