@@ -131,3 +131,37 @@ def test_parse_composition():
         parse_composition("SrTi2O6", max_atoms=5)
     with pytest.raises(ValueError, match="n must be"):
         composition_batch(["SrTiO3"], 0)
+
+
+def test_sample_cli_benchmark_protocol_with_shipped_model(tmp_path, perov_val_csv):
+    """`sample --compositions-from REF -k 2` pairs with `evaluate -k 2`; `--composition ... --trajectory` writes all outputs."""
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from crystalign.cli import app
+
+    ref = tmp_path / "ref.csv"
+    pd.read_csv(perov_val_csv).iloc[:6].to_csv(ref, index=False)
+    runner = CliRunner()
+    gen_dir = tmp_path / "gen"
+    res = runner.invoke(app, ["sample", "--model", "perov_5", "--compositions-from", str(ref), "-k", "2", "--steps", "20", "--out", str(gen_dir)])
+    assert res.exit_code == 0, res.output
+    names = json.loads((gen_dir / "index.json").read_text())
+    assert names[:3] == ["000000_000.cif", "000000_001.cif", "000001_000.cif"] and len(names) == 12
+    record = json.loads((gen_dir / "samples.json").read_text())
+    assert record["seed"] == 0 and record["sampler"]["steps"] == 20 and record["model_hash"] and "torch" in record["versions"]
+    res = runner.invoke(app, ["evaluate", str(gen_dir), "--reference", str(ref), "-k", "2", "--json", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output[res.output.index("{"):])
+    assert metrics["n"] == 12 and metrics["timeouts"] == 0 and metrics["match_rate"] > 0.2  # the trained model matches perovskites
+    traj_dir = tmp_path / "one"
+    res = runner.invoke(app, ["sample", "-m", "perov_5", "-c", "SrTiO3", "-n", "3", "--steps", "6", "--method", "heun", "--trajectory", "--out", str(traj_dir)])
+    assert res.exit_code == 0, res.output
+    from ase.io import read
+
+    assert len(read(traj_dir / "structures.extxyz", index=":")) == 3
+    assert len(read(traj_dir / "trajectory.extxyz", index=":")) == 3 * 6
+    bad = runner.invoke(app, ["sample", "-m", "perov_5", "-c", "SrTiO3", "--method", "rk9", "--out", str(traj_dir)])
+    assert bad.exit_code != 0 and "method" in bad.output

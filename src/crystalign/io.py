@@ -44,3 +44,42 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def write_structure_set(out: str | os.PathLike, batch: Any, record: dict[str, Any], trajectory: list | None = None) -> list[str]:
+    """Generated structures as ``OUT/<id>.cif`` (one per structure), ``structures.extxyz``, ``index.json``
+    (file order = pairing order for ``crystalign evaluate``) and ``samples.json`` (``record`` plus the file list,
+    validity and versions). ``trajectory``: optional list of batches, written to ``trajectory.extxyz``."""
+    from ase.io import write as ase_write
+
+    from crystalign.training import versions
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = batch.ids or [f"{i:06d}" for i in range(batch.num_structures)]
+    valid = batch.validity().valid.tolist()
+    names = []
+    structures = batch.to_structures()
+    for sid, s in zip(ids, structures):
+        write_text(out / f"{sid}.cif", s.to(fmt="cif"))
+        names.append(f"{sid}.cif")
+    with atomic_path(out / "structures.extxyz") as tmp:
+        ase_write(tmp, batch.to_atoms(), format="extxyz")
+    if trajectory:
+        with atomic_path(out / "trajectory.extxyz") as tmp:
+            ase_write(tmp, [a for step in trajectory for a in step.to_atoms()], format="extxyz")
+    write_json(out / "index.json", names)
+    write_json(
+        out / "samples.json",
+        {
+            **record,
+            "n": len(names),
+            "valid_fraction": sum(valid) / max(len(valid), 1),
+            "structures": [
+                {"id": sid, "file": nm, "formula": s.composition.reduced_formula, "valid": bool(v)}
+                for sid, nm, s, v in zip(ids, names, structures, valid)
+            ],
+            "versions": versions(),
+        },
+    )
+    return names

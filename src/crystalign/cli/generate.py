@@ -125,58 +125,35 @@ def sample_cmd(
 
 
 def run_sampling(gen, template, out: Path, seed: int, batch_size: int, trajectory: bool, overrides: dict, model_name: str) -> dict:
-    """Sample in batches with a progress bar; write CIFs, one extxyz, and a JSON record (all atomically)."""
-    from ase.io import write as ase_write
+    """Sample in batches with a progress bar; write CIFs, one extxyz and a JSON record (all atomically)."""
     from tqdm import tqdm
 
     from crystalign.crystal import CrystalBatch
-    from crystalign.io import atomic_path, write_json, write_text
-    from crystalign.training import versions
+    from crystalign.io import write_structure_set
 
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     p = next(gen.net.parameters())
     template = template.to(p.device, dtype=p.dtype)
     g = torch.Generator(device=p.device).manual_seed(seed)
-    parts, trajs = [], []
+    parts, frames = [], []
     for part in tqdm(list(template.split(batch_size)), desc="sampling", unit="batch", disable=None):
         x0 = gen.base_sample(part.species, part.n_atoms, g)
         res = gen.sampler(**overrides).sample(x0, generator=g, trajectory=trajectory)
         if trajectory:
             res, traj = res
-            trajs.append(traj)
+            frames.extend(traj)
         parts.append(res.replace(ids=part.ids))
     batch = CrystalBatch.cat(parts)
-    structures = batch.to_structures()
-    ids = batch.ids or [f"{i:06d}" for i in range(len(structures))]
-    names = []
-    for sid, s in zip(ids, structures):
-        name = f"{sid}.cif"
-        write_text(out / name, s.to(fmt="cif"))
-        names.append(name)
-    with atomic_path(out / "structures.extxyz") as tmp:
-        ase_write(tmp, batch.to_atoms(), format="extxyz")
-    if trajectory:
-        with atomic_path(out / "trajectory.extxyz") as tmp:
-            frames = [a for traj in trajs for step in traj for a in step.to_atoms()]
-            ase_write(tmp, frames, format="extxyz")
-    valid = batch.validity().valid
     record = {
         "model": model_name,
         "model_hash": gen.model_hash(),
         "seed": seed,
         "sampler": {**vars(gen.config.sampling), **{k: v for k, v in overrides.items() if v is not None}},
-        "n": len(structures),
-        "valid_fraction": float(valid.float().mean()),
         "wall_s": time.time() - t0,
-        "files": names,
-        "structures": [{"id": sid, "file": nm, "formula": s.composition.reduced_formula, "valid": bool(v)} for sid, nm, s, v in zip(ids, names, structures, valid.tolist())],
-        "versions": versions(),
         "command": " ".join(sys.argv),
     }
-    write_json(out / "samples.json", record)
-    write_json(out / "index.json", names)
-    return record
+    write_structure_set(out, batch, record, trajectory=frames or None)
+    return {**record, "n": batch.num_structures}
 
 
 def register(app: typer.Typer) -> None:

@@ -136,6 +136,7 @@ def sample_cmd(
     Example: crystalign rl sample runs/rl_perov/best.pt --composition SrTiO3 -n 16 --out rl_samples/
     """
     from crystalign.generator import composition_batch
+    from crystalign.io import write_structure_set
     from crystalign.rl.loop import load_policy
 
     if (composition is None) == (compositions_from is None):
@@ -153,7 +154,7 @@ def sample_cmd(
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     batch = sample_policy(policy, template, steps or policy.config.steps, seed, batch_size, noise=not no_noise)
-    write_structures(out, batch, {"checkpoint": str(checkpoint), "iteration": state["iteration"], "seed": seed, "noise": not no_noise, "steps": steps or policy.config.steps})
+    write_structure_set(out, batch, {"checkpoint": str(checkpoint), "iteration": state["iteration"], "seed": seed, "noise": not no_noise, "steps": steps or policy.config.steps})
     typer.echo(f"wrote {batch.num_structures} structures to {out}")
 
 
@@ -169,26 +170,6 @@ def sample_policy(policy, template, steps: int, seed: int, batch_size: int = 256
     for part in tqdm(list(template.split(batch_size)), desc="sampling", unit="batch", disable=None):
         parts.append(rollout(policy, part, steps, g, store=False, noise=noise).final)
     return CrystalBatch.cat(parts)
-
-
-def write_structures(out: Path, batch, record: dict) -> None:
-    """CIFs (one per structure), one extxyz and a JSON record, all written atomically."""
-    from ase.io import write as ase_write
-
-    from crystalign.io import atomic_path, write_json, write_text
-    from crystalign.training import versions
-
-    out.mkdir(parents=True, exist_ok=True)
-    ids = batch.ids or [f"{i:06d}" for i in range(batch.num_structures)]
-    names = []
-    valid = batch.validity().valid.tolist()
-    for sid, s in zip(ids, batch.to_structures()):
-        write_text(out / f"{sid}.cif", s.to(fmt="cif"))
-        names.append(f"{sid}.cif")
-    with atomic_path(out / "structures.extxyz") as tmp:
-        ase_write(tmp, batch.to_atoms(), format="extxyz")
-    write_json(out / "index.json", names)
-    write_json(out / "samples.json", {**record, "n": len(names), "valid_fraction": sum(valid) / max(len(valid), 1), "files": names, "versions": versions()})
 
 
 @app.command("plot-schedule")
