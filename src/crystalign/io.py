@@ -52,7 +52,7 @@ def write_structure_set(out: str | os.PathLike, batch: Any, record: dict[str, An
     validity and versions). ``trajectory``: optional list of batches, written to ``trajectory.extxyz``."""
     from ase.io import write as ase_write
 
-    from crystalign.training import versions
+    from crystalign.provenance import versions
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

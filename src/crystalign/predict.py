@@ -227,7 +227,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     """Predict likely low-energy structures of ``composition``; see :class:`PredictOptions` for options."""
     from crystalign.rewards import EnergyReward
     from crystalign.rewards.mlip import get_backend
-    from crystalign.training import versions
+    from crystalign.provenance import versions
 
     opts = PredictOptions(composition=composition, **options)
     opts.validate()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crystalign.config import to_dict
 from crystalign.data.splits import DataConfig, load_training_data
+from crystalign.provenance import versions
 from crystalign.crystal import CrystalBatch
 from crystalign.distributions import BaseDistribution, LATTICE_PRESETS
 from crystalign.generator import Generator, GeneratorConfig
@@ -201,18 +201,6 @@ class GeneratorModule(L.LightningModule):
 
 
 # ---------------------------------------------------------------------- driver
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("crystalign", "torch", "lightning", "pymatgen", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def coverage_of(batch: CrystalBatch) -> dict[str, Any]:
     from pymatgen.core import Element
 
