@@ -71,6 +71,36 @@ def test_first_ppo_epoch_ratio_is_one(tmp_path, variant):
     assert row["pos_approx_kl"] == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("variant,fields", [("velocity", ["pos"]), ("velocity", ["pos", "cell"]), ("scale", ["pos", "cell"])])
+def test_timesteps_batched_in_one_backward_give_the_per_step_gradient(variant, fields):
+    """Batching timesteps into one forward/backward is exact: same gradient and statistics as one step at a time
+    (structures of different sizes, every cost term active, two mini-batches)."""
+    costs = {f"{f}_{k}": 1.0 for f in fields for k in ("policy", "regularization", "entropy")}
+    comps = composition_batch(["SrTiO3", "NaCl", "KBr"], 1).to(dtype=torch.float32)
+    results = []
+    for budget in (0, 10_000, 13):  # one step per backward, all steps in one, chunks of 2 steps (13 // 6 atoms)
+        gen = tiny_generator()
+        cfg = config(variant=variant, fields=fields, steps=6, group_size=4, num_groups=2, costs=costs,
+                     max_atoms_per_backward=budget, minibatch_trajectories=5)
+        trainer = RLTrainer(Policy(gen, cfg), rocksalt_reward, cfg, comps, progress=False)
+        template = trainer.sample_groups()
+        traj = rollout(trainer.policy, template, cfg.steps, torch.Generator().manual_seed(3))
+        adv = torch.linspace(-1.5, 1.5, template.num_structures)
+        params = trainer.policy.trainable_parameters()
+        trainer.optimizer.step = lambda: None  # keep the weights: compare the accumulated gradient of the last mini-batch
+        stats = trainer.update(traj, adv)
+        results.append((stats, [p.grad.clone() for p in params if p.grad is not None]))
+    (ref_stats, ref_grads), *others = results
+    assert ref_stats["pos_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    for stats, grads in others:
+        assert stats.keys() == ref_stats.keys()
+        for key in ref_stats:
+            assert stats[key] == pytest.approx(ref_stats[key], rel=1e-4, abs=1e-6), key
+        assert len(grads) == len(ref_grads) > 0
+        for g, g_ref in zip(grads, ref_grads):
+            assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
 ROCKSALT_NACL_VOLUME = 5.64**3 / 4  # Å^3 per primitive 2-atom cell of rock-salt NaCl (a = 5.64 Å)
 
 

@@ -81,6 +81,8 @@ class RLConfig:
     grad_clip: float = 1.0
     iterations: int = 100
     minibatch_trajectories: int | None = None
+    # timesteps are batched into one forward/backward up to this many atoms; 0 = one timestep at a time
+    max_atoms_per_backward: int = 2048
     reward: Any = "energy"
     data: DataConfig = field(default_factory=DataConfig)
     validation: RLValidationConfig = field(default_factory=RLValidationConfig)
@@ -98,6 +100,8 @@ class RLConfig:
             raise ValueError(f"group_size must be >= 2 (GRPO normalises within groups), got {self.group_size}")
         if self.steps < 2:
             raise ValueError(f"steps must be >= 2, got {self.steps}")
+        if self.max_atoms_per_backward < 0:
+            raise ValueError(f"max_atoms_per_backward must be >= 0, got {self.max_atoms_per_backward}")
         validate_costs(self.costs, self.normalize_costs)
 
 
@@ -141,13 +145,14 @@ class Policy(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("reference.")}
 
-    def outputs(self, t: float, batch_like: CrystalBatch, pos: torch.Tensor, cell: torch.Tensor, edges, ref_out: dict[str, torch.Tensor] | None):
-        """Policy outputs per field at one state; the network variants call the trainable network once."""
+    def outputs(self, t: torch.Tensor, batch_like: CrystalBatch, pos: torch.Tensor, cell: torch.Tensor, edges):
+        """Policy outputs per field at the states (``t`` (B,) per structure); the network variants call the
+        trainable network once."""
         if self.net is not None:
-            out = self.net(torch.full((batch_like.num_structures,), t, dtype=pos.dtype, device=pos.device), batch_like.species, pos, cell, batch_like.n_atoms, edges=edges)
+            out = self.net(t, batch_like.species, pos, cell, batch_like.n_atoms, edges=edges)
             return {f: FieldOutputs.from_network(out, f) for f in FIELDS}, out
         assert self.scale is not None
-        s = self.scale(torch.full((batch_like.num_structures,), t, dtype=pos.dtype, device=pos.device))
+        s = self.scale(t)
         return {f: FieldOutputs.from_scale(s, f) for f in FIELDS}, None
 
 
@@ -162,7 +167,7 @@ class Trajectory:
     actions: list[dict[str, torch.Tensor]] = field(default_factory=list)
     logp_old: list[dict[str, torch.Tensor]] = field(default_factory=list)
     ref: list[dict[str, FieldOutputs]] = field(default_factory=list)
-    velocity_ratio: list[float] = field(default_factory=list)
+    velocity_ratio: list[torch.Tensor] = field(default_factory=list)
     final: CrystalBatch | None = None
 
 
@@ -190,11 +195,11 @@ def rollout(
         for k in range(len(ts) - 1):
             t, dt = ts[k], ts[k + 1] - ts[k]
             step = Step.on_grid(t, dt, x0)
-            raw_ref = ref_gen.net(torch.full((x0.num_structures,), t, dtype=pos.dtype, device=pos.device), x0.species, pos, cell, x0.n_atoms, edges=edges)
+            raw_ref = ref_gen.net(step.t, x0.species, pos, cell, x0.n_atoms, edges=edges)
             ref = {f: FieldOutputs.from_network(raw_ref, f) for f in FIELDS}
-            out, raw_out = policy.outputs(t, x0, pos, cell, edges, raw_ref)
+            out, raw_out = policy.outputs(step.t, x0, pos, cell, edges)
             if raw_out is not None and "pos" in policy.transitions:
-                traj.velocity_ratio.append(float(velocity_ratio(raw_out["pos_b"], raw_ref["pos_b"], x0.batch, x0.num_structures).mean()))
+                traj.velocity_ratio.append(velocity_ratio(raw_out["pos_b"], raw_ref["pos_b"], x0.batch, x0.num_structures))
             state = {"pos": pos, "cell": cell}
             new, actions, logps = {}, {}, {}
             for f in FIELDS:
@@ -286,7 +291,7 @@ class RLTrainer:
         stats = self.update(traj, adv)
         t_update = time.time() - t0 - t_roll - t_reward
         row = {"iteration": self.iteration + 1, **self._monitor(traj.final, rewards, result.info, cfg.group_size), **stats}
-        row["velocity_ratio"] = float(sum(traj.velocity_ratio) / len(traj.velocity_ratio)) if traj.velocity_ratio else 0.0
+        row["velocity_ratio"] = float(torch.stack(traj.velocity_ratio).mean()) if traj.velocity_ratio else 0.0
         row.update(time_rollout_s=t_roll, time_reward_s=t_reward, time_update_s=t_update, time_total_s=time.time() - t0)
         if row["invalid_fraction"] > cfg.max_invalid_fraction:
             raise RLDivergedError(
@@ -302,8 +307,19 @@ class RLTrainer:
         perm = torch.randperm(b, generator=self.generator)
         return [perm[i : i + mb].sort().values for i in range(0, b, mb)]
 
+    def _steps_per_backward(self, atoms_per_step: int, num_steps: int) -> int:
+        """Timesteps evaluated in one batched forward/backward: as many as fit ``max_atoms_per_backward``
+        (at least one, so large batches keep memory at one step's graph)."""
+        budget = self.config.max_atoms_per_backward
+        return max(1, min(num_steps, budget // max(atoms_per_step, 1))) if budget else 1
+
     def update(self, traj: Trajectory, adv: torch.Tensor) -> dict[str, float]:
-        """``ppo_epochs`` passes over the stored trajectory; per-timestep backward; one optimiser step per mini-batch."""
+        """``ppo_epochs`` passes over the stored trajectory; one optimiser step per mini-batch.
+
+        Timesteps are independent terms of the loss, so a chunk of ``c`` of them is evaluated as one batch of
+        ``c`` copies of the structures (each with its own time): every loss term is a mean over structures, so
+        ``c`` times the chunk's loss equals the sum of its per-step losses. Exact, and far fewer, larger kernels.
+        """
         cfg = self.config
         policy = self.policy
         tmpl = traj.template
@@ -315,38 +331,45 @@ class RLTrainer:
             for sel in self._minibatches(tmpl.num_structures):
                 sub = tmpl[sel]
                 atom_sel = torch.nonzero(tmpl.atom_mask(sel)).squeeze(-1)
-                edges = build_edges(sub.n_atoms)
-                sub_adv = adv[sel]
+                chunk = self._steps_per_backward(sub.num_atoms, K)
                 self.optimizer.zero_grad(set_to_none=True)
-                for k in range(K):
-                    t, dt = traj.times[k], traj.times[k + 1] - traj.times[k]
-                    step = Step.on_grid(t, dt, sub)
-                    pos, cell = traj.pos[k][atom_sel], traj.cell[k][sel]
-                    out, _ = policy.outputs(t, sub, pos, cell, edges, None)
+                for k0 in range(0, K, chunk):
+                    ks = range(k0, min(k0 + chunk, K))
+                    c = len(ks)
+                    big = CrystalBatch.cat([sub] * c) if c > 1 else sub
+                    step = Step(
+                        t=torch.cat([torch.full((sub.num_structures,), traj.times[k], dtype=sub.dtype, device=sub.device) for k in ks]),
+                        dt=torch.cat([torch.full((sub.num_structures,), traj.times[k + 1] - traj.times[k], dtype=sub.dtype, device=sub.device) for k in ks]),
+                        batch=big.batch,
+                    )
+                    pos = torch.cat([traj.pos[k][atom_sel] for k in ks])
+                    cell = torch.cat([traj.cell[k][sel] for k in ks])
+                    out, _ = policy.outputs(step.t, big, pos, cell, build_edges(big.n_atoms))
+                    big_adv = adv[sel].repeat(c)
                     terms: dict[str, torch.Tensor] = {}
                     for f, tr in policy.transitions.items():
                         rows = atom_sel if tr.per_atom_action else sel
-                        ref = _select(traj.ref[k][f], atom_sel if f == "pos" else sel)
-                        action = traj.actions[k][f][rows]
-                        logp_old = traj.logp_old[k][f][rows]
+                        ref = _cat_outputs([_select(traj.ref[k][f], atom_sel if f == "pos" else sel) for k in ks])
+                        action = torch.cat([traj.actions[k][f][rows] for k in ks])
+                        logp_old = torch.cat([traj.logp_old[k][f][rows] for k in ks])
                         logp_new = tr.log_prob(action, step, out[f], ref)
                         kl = tr.kl_to_reference(step, out[f], ref) if self.costs.get(f"{f}_regularization", 0.0) else None
                         ent = tr.entropy(step, like=action) if self.costs.get(f"{f}_entropy", 0.0) else None
                         distill = self.costs.get(f"{f}_distillation", 0.0) and policy.variant == "score"
                         t_terms, t_stats = field_loss_terms(
-                            f, logp_new, logp_old, sub_adv, cfg.clip_eps,
-                            batch=tr.unit_batch(step), num_structures=sub.num_structures,
+                            f, logp_new, logp_old, big_adv, cfg.clip_eps,
+                            batch=tr.unit_batch(step), num_structures=big.num_structures,
                             mode=cfg.position_normalization, kl=kl, entropy=ent,
                             eta=out[f].eta if distill else None, eta_ref=ref.eta if distill else None,
                         )
                         terms.update(t_terms)
                         for key, v in t_stats.items():
-                            sums[key] = sums.get(key, 0.0) + float(v)
+                            sums[key] = sums.get(key, 0.0) + float(v) * c
                     loss, l_stats = timestep_loss(terms, self.costs, cfg.normalize_costs)
-                    (loss / K).backward()
+                    (loss * (c / K)).backward()
                     for key, v in l_stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(v)
-                    count += 1
+                        sums[key] = sums.get(key, 0.0) + float(v) * c
+                    count += c
                 self._allreduce_grads(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * K
@@ -478,6 +501,13 @@ class RLTrainer:
 def _select(ref: FieldOutputs, rows: torch.Tensor) -> FieldOutputs:
     pick = lambda v: None if v is None else v[rows]  # noqa: E731
     return FieldOutputs(b=pick(ref.b), eta=pick(ref.eta), s=pick(ref.s))
+
+
+def _cat_outputs(parts: list[FieldOutputs]) -> FieldOutputs:
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda vs: None if vs[0] is None else torch.cat(vs)  # noqa: E731
+    return FieldOutputs(b=cat([p.b for p in parts]), eta=cat([p.eta for p in parts]), s=cat([p.s for p in parts]))
 
 
 def duplicate_fraction(final: CrystalBatch, group_size: int, valid: torch.Tensor) -> float:
