@@ -18,6 +18,7 @@ import torch
 
 from crystalign.model import CSPNet, CSPNetConfig, build_edges
 from crystalign.model.reference import reference_forward
+from crystalign.settings import tune_allocator
 
 SIZES = {"small": CSPNetConfig.small(), "paper": CSPNetConfig.paper()}
 # carbon_24-like atom counts: 6..24, mean 12.8
@@ -79,6 +80,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as the crystalign command does
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, device {device}, {args.dtype}, {torch.get_num_threads()} threads")

@@ -22,6 +22,7 @@ from crystalign.generator import Generator, GeneratorConfig
 from crystalign.model.cspnet import CSPNetConfig
 from crystalign.rewards.symmetry import NonTriclinicReward
 from crystalign.rl.loop import Policy, RLConfig, RLTrainer
+from crystalign.settings import tune_allocator
 
 REFERENCE = {"total_s": 2.24, "rollout_s": 0.99, "update_s": 1.23}
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--variant", default="velocity")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as the crystalign command does
     torch.manual_seed(0)
     if args.model:
         gen = Generator.load(args.model)

@@ -20,6 +20,7 @@ from crystalign.data import load_dataset
 from crystalign.distributions import BaseDistribution
 from crystalign.generator import Generator, GeneratorConfig
 from crystalign.model.cspnet import CSPNetConfig
+from crystalign.settings import tune_allocator
 
 REFERENCE = {("perov_5", "small", 64): 32.0, ("perov_5", "paper", 64): 6.5, ("carbon_24", "small", 64): 7.0,
              ("carbon_24", "paper", 64): 1.35, ("perov_5", "small", 512): 21.5, ("perov_5", "paper", 512): 5.4}
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as the crystalign command does
     rows = []
     for ds_name in args.datasets:
         data = load_dataset(ds_name).batch.to(dtype=torch.float32)

@@ -20,6 +20,7 @@ from crystalign.distributions import BaseDistribution
 from crystalign.generator import Generator, GeneratorConfig
 from crystalign.model.cspnet import CSPNetConfig
 from crystalign.training import TrainConfig, interpolant_losses
+from crystalign.settings import tune_allocator
 
 REFERENCE = {("perov_5", "small"): 600.0, ("perov_5", "paper"): 101.0}
 
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=10.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as the crystalign command does
     for ds_name in args.datasets:
         data = load_dataset(ds_name, niggli=True).batch.to(dtype=torch.float32)
         for size in args.sizes:

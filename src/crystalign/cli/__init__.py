@@ -32,4 +32,7 @@ _hull.register(app)
 
 
 def main() -> None:
+    from crystalign.settings import tune_allocator
+
+    tune_allocator()
     app()
