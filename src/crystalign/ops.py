@@ -30,3 +30,13 @@ def scatter_max(src: torch.Tensor, index: torch.Tensor, dim_size: int, fill: flo
     """Maximum of a 1-D ``src`` per segment; empty segments give ``fill``."""
     out = torch.full((dim_size,), fill, dtype=src.dtype, device=src.device)
     return out.scatter_reduce(0, index, src, reduce="amax", include_self=True)
+
+
+def randn_on(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Standard normals shaped ``shape`` with ``like``'s dtype and device, drawn on the generator's device.
+
+    torch refuses a CPU generator for a CUDA draw; drawing where the generator lives and moving the result also
+    makes a seed give the same numbers on every device.
+    """
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=device).to(like.device)

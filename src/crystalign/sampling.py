@@ -23,6 +23,7 @@ from crystalign.crystal import CrystalBatch
 from crystalign.geometry import wrap
 from crystalign.interpolants import FIELDS, time_grid
 from crystalign.model.cspnet import build_edges
+from crystalign.ops import randn_on
 
 
 @dataclass
@@ -117,7 +118,7 @@ class Sampler:
                         ip = self.interpolants[f]
                         if ip.uses_denoiser:
                             eps = float(ip.epsilon(torch.tensor(t, dtype=torch.float64)))
-                            noise = torch.randn(new[f].shape, generator=generator, dtype=new[f].dtype, device=new[f].device)
+                            noise = randn_on(new[f].shape, generator, like=new[f])
                             new[f] = new[f] + (2.0 * eps * dt) ** 0.5 * noise
             new["pos"] = wrap(new["pos"])
             state = new

@@ -55,7 +55,7 @@ from crystalign.interpolants.paths import (
     PathCoefficients,
     TrigonometricPath,
 )
-from crystalign.ops import scatter_mean
+from crystalign.ops import randn_on, scatter_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from crystalign.crystal import CrystalBatch
@@ -286,8 +286,7 @@ class FieldInterpolant:
             x_t, v_plus = mean, d_mean
         else:
             if z is None:
-                gen_device = generator.device if generator is not None else x0.device
-                z = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+                z = randn_on(x0.shape, generator, like=x0)
             elif z.shape != x0.shape:
                 raise ValueError(f"z {tuple(z.shape)} must have the shape of x0 {tuple(x0.shape)}")
             g, dg = self._gamma(t)

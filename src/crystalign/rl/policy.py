@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from crystalign.geometry import wrap
+from crystalign.ops import randn_on
 from crystalign.rl.scale import ScaleMLP
 from crystalign.rl.schedules import NoiseSchedule, build_noise_schedule
 
@@ -417,7 +418,7 @@ class GaussianTransition(nn.Module):
                 return mean, None
             sigma = self._expand(self.sigma(step), step, mean)
             dt = self._expand(step.dt, step, mean)
-            xi = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            xi = randn_on(mean.shape, generator, like=mean)
             action = mean + sigma * torch.sqrt(dt) * xi
             return action, log_prob(action, mean, sigma, dt)
 
