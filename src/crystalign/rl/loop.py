@@ -287,7 +287,7 @@ class RLTrainer:
         result = self.reward(traj.final)
         rewards = result.rewards.to(torch.float64)
         t_reward = time.time() - t0 - t_roll
-        adv = group_advantages(rewards, cfg.group_size).to(traj.final.dtype)
+        adv = group_advantages(rewards, cfg.group_size).to(device=traj.final.device, dtype=traj.final.dtype)
         stats = self.update(traj, adv)
         t_update = time.time() - t0 - t_roll - t_reward
         row = {"iteration": self.iteration + 1, **self._monitor(traj.final, rewards, result.info, cfg.group_size), **stats}
@@ -387,8 +387,10 @@ class RLTrainer:
 
     def _monitor(self, final: CrystalBatch, rewards: torch.Tensor, info: dict[str, torch.Tensor], group_size: int | None) -> dict[str, Any]:
         """Reward statistics and reward-hacking guards; energies averaged over valid structures only."""
+        final = final.to("cpu")  # monitoring only; rewards and their info may live on another device than the states
         report = final.validity()
         valid = report.valid
+        rewards = rewards.cpu()
         row: dict[str, Any] = {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std(unbiased=False)),
@@ -397,7 +399,7 @@ class RLTrainer:
         if group_size:
             row["reward_std_within_group"] = float(rewards.view(-1, group_size).std(dim=1, unbiased=False).mean())
         for key, value in info.items():
-            v = value.double()
+            v = value.double().cpu()
             if key == "valid":
                 continue
             mask = valid & torch.isfinite(v)
