@@ -332,6 +332,7 @@ class RLTrainer:
                 sub = tmpl[sel]
                 atom_sel = torch.nonzero(tmpl.atom_mask(sel)).squeeze(-1)
                 chunk = self._steps_per_backward(sub.num_atoms, K)
+                edges_of: dict[int, Any] = {}  # by chunk length: only the last chunk may be shorter
                 self.optimizer.zero_grad(set_to_none=True)
                 for k0 in range(0, K, chunk):
                     ks = range(k0, min(k0 + chunk, K))
@@ -344,7 +345,9 @@ class RLTrainer:
                     )
                     pos = torch.cat([traj.pos[k][atom_sel] for k in ks])
                     cell = torch.cat([traj.cell[k][sel] for k in ks])
-                    out, _ = policy.outputs(step.t, big, pos, cell, build_edges(big.n_atoms))
+                    if c not in edges_of:
+                        edges_of[c] = build_edges(big.n_atoms)
+                    out, _ = policy.outputs(step.t, big, pos, cell, edges_of[c])
                     big_adv = adv[sel].repeat(c)
                     terms: dict[str, torch.Tensor] = {}
                     for f, tr in policy.transitions.items():
