@@ -27,6 +27,22 @@ from crystalign.settings import tune_allocator
 REFERENCE = {"total_s": 2.24, "rollout_s": 0.99, "update_s": 1.23}
 
 
+def benchmark_trainer(iterations: int, variant: str = "velocity", model: str | None = None) -> RLTrainer:
+    """The reference workload (see the module docstring) as an RLTrainer; seeded."""
+    torch.manual_seed(0)
+    if model:
+        gen = Generator.load(model)
+    else:
+        gen = Generator(GeneratorConfig(net=CSPNetConfig.small()), BaseDistribution.from_preset("perov_5"))
+    comps = load_dataset("perov_5").batch.to(dtype=torch.float32)
+    cfg = RLConfig(
+        variant=variant, fields=["pos"], steps=50, group_size=8, num_groups=4, ppo_epochs=1, iterations=iterations,
+        costs={"pos_policy": 1.0, "pos_regularization": 1e-3}, duplicate_check=False, reward="non_triclinic",
+    )
+    cfg.validation.every = 0
+    return RLTrainer(Policy(gen, cfg), NonTriclinicReward(), cfg, comps, progress=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=10)
@@ -36,18 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tune_allocator()  # as the crystalign command does
-    torch.manual_seed(0)
-    if args.model:
-        gen = Generator.load(args.model)
-    else:
-        gen = Generator(GeneratorConfig(net=CSPNetConfig.small()), BaseDistribution.from_preset("perov_5"))
-    comps = load_dataset("perov_5").batch.to(dtype=torch.float32)
-    cfg = RLConfig(
-        variant=args.variant, fields=["pos"], steps=50, group_size=8, num_groups=4, ppo_epochs=1, iterations=args.iterations + 1,
-        costs={"pos_policy": 1.0, "pos_regularization": 1e-3}, duplicate_check=False, reward="non_triclinic",
-    )
-    cfg.validation.every = 0
-    trainer = RLTrainer(Policy(gen, cfg), NonTriclinicReward(), cfg, comps, progress=False)
+    trainer = benchmark_trainer(args.iterations + 1, args.variant, args.model)
     with tempfile.TemporaryDirectory() as tmp:
         history = trainer.fit(tmp)[1:]  # the first iteration is warm-up
     med = {k: statistics.median(r[f"time_{k}"] for r in history) for k in ("rollout_s", "reward_s", "update_s", "total_s")}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 
 import torch
@@ -23,17 +22,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from crystalign.data import load_dataset
 from crystalign.distributions import BaseDistribution
 from crystalign.generator import Generator, GeneratorConfig
-from crystalign.model.cspnet import CSPNetConfig
-from crystalign.rewards.symmetry import NonTriclinicReward
-from crystalign.rl.loop import Policy, RLConfig, RLTrainer
 from crystalign.settings import tune_allocator
 
-# the reference implementation's figures on this machine and the >= 3x targets (see bench/sample.py, bench/rl.py)
-SAMPLE_REFERENCE = {("perov_5", "small", 64): 32.0, ("perov_5", "paper", 64): 6.5, ("carbon_24", "small", 64): 7.0,
-                    ("carbon_24", "paper", 64): 1.35, ("perov_5", "paper", 512): 5.4}
-RL_REFERENCE_S = 2.24
+# the sibling benchmark scripts (run as `python bench/roofline.py`, so bench/ is on sys.path): same workloads
+from rl import REFERENCE as RL_REFERENCE, benchmark_trainer  # noqa: E402
+from sample import REFERENCE as SAMPLE_REFERENCE, SIZES  # noqa: E402
+
+# the reference implementation's figures on this machine (bench/sample.py, bench/rl.py) and the >= 3x target
+SAMPLE_CASES = [("perov_5", "small", 64), ("perov_5", "paper", 64), ("carbon_24", "small", 64), ("carbon_24", "paper", 64),
+                ("perov_5", "paper", 512)]
+RL_REFERENCE_S = RL_REFERENCE["total_s"]
 TARGET_SPEEDUP = 3.0
-SIZES = {"small": CSPNetConfig.small(), "paper": CSPNetConfig.paper()}
 
 
 def peak_gemm_gflops(repeats: int = 10) -> float:
@@ -58,7 +57,8 @@ def count_flops(fn) -> int:
 
 def sample_rows(peak: float) -> list[dict]:
     rows = []
-    for (ds_name, size, bs), ref in SAMPLE_REFERENCE.items():
+    for ds_name, size, bs in SAMPLE_CASES:
+        ref = SAMPLE_REFERENCE[(ds_name, size, bs)]
         data = load_dataset(ds_name).batch.to(dtype=torch.float32)
         torch.manual_seed(0)
         gen = Generator(GeneratorConfig(net=SIZES[size]), BaseDistribution.from_preset(ds_name))
@@ -83,19 +83,12 @@ def sample_rows(peak: float) -> list[dict]:
 
 
 def rl_row(peak: float) -> dict:
-    torch.manual_seed(0)
-    gen = Generator(GeneratorConfig(net=CSPNetConfig.small()), BaseDistribution.from_preset("perov_5"))
-    comps = load_dataset("perov_5").batch.to(dtype=torch.float32)
-    cfg = RLConfig(variant="velocity", fields=["pos"], steps=50, group_size=8, num_groups=4, ppo_epochs=1, iterations=10**6,
-                   costs={"pos_policy": 1.0, "pos_regularization": 1e-3}, duplicate_check=False, reward="non_triclinic")
-    cfg.validation.every = 0
-    trainer = RLTrainer(Policy(gen, cfg), NonTriclinicReward(), cfg, comps, progress=False)
-    with tempfile.TemporaryDirectory():
-        trainer.step()  # warm-up
-        flops = count_flops(trainer.step)
-        t0 = time.perf_counter()
-        trainer.step()
-        measured = time.perf_counter() - t0
+    trainer = benchmark_trainer(iterations=10**6)
+    trainer.step()  # warm-up
+    flops = count_flops(trainer.step)
+    t0 = time.perf_counter()
+    trainer.step()
+    measured = time.perf_counter() - t0
     target = RL_REFERENCE_S / TARGET_SPEEDUP
     row = {
         "workload": "rl_iteration", "gflop_per_iteration": flops / 1e9,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -12,8 +13,6 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 def _run(code: str, env_extra: dict[str, str] | None = None) -> str:
     # a fresh interpreter: the tuning is process-global and must not leak into the test process
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "CRYSTALIGN_NO_MALLOC_TUNING"}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()

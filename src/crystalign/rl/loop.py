@@ -338,9 +338,10 @@ class RLTrainer:
                     ks = range(k0, min(k0 + chunk, K))
                     c = len(ks)
                     big = CrystalBatch.cat([sub] * c) if c > 1 else sub
+                    per_copy = dict(dtype=sub.dtype, device=sub.device)
                     step = Step(
-                        t=torch.cat([torch.full((sub.num_structures,), traj.times[k], dtype=sub.dtype, device=sub.device) for k in ks]),
-                        dt=torch.cat([torch.full((sub.num_structures,), traj.times[k + 1] - traj.times[k], dtype=sub.dtype, device=sub.device) for k in ks]),
+                        t=torch.tensor([traj.times[k] for k in ks], **per_copy).repeat_interleave(sub.num_structures),
+                        dt=torch.tensor([traj.times[k + 1] - traj.times[k] for k in ks], **per_copy).repeat_interleave(sub.num_structures),
                         batch=big.batch,
                     )
                     pos = torch.cat([traj.pos[k][atom_sel] for k in ks])
