@@ -94,6 +94,25 @@ def test_validity_matches_pymatgen_distances(mp20):
         assert abs(expected - float(report.min_distance[i])) < 1e-6
 
 
+@pytest.mark.parametrize("shear", [[[1, 0, 0], [4, 1, 0], [0, 0, 1]], [[1, 2, 0], [5, 11, 3], [0, 0, 1]]])
+def test_min_distance_does_not_depend_on_the_cell_basis(mp20, shear):
+    # the same crystals written in skewed, unreduced cells: their nearest images lie many cells away
+    m = torch.tensor(shear, dtype=torch.float64)
+    assert abs(float(torch.linalg.det(m))) == 1.0
+    batch = CrystalBatch.from_structures(mp20[:12])
+    reduced = batch.validity().min_distance
+    counts = batch.n_atoms
+    skew_lat = m @ batch.lattice
+    skew_frac = wrap(batch.frac @ torch.linalg.inv(m))
+    skewed = check_validity(skew_frac, skew_lat, counts).min_distance
+    assert torch.allclose(skewed, reduced, atol=1e-9)
+    # and a skewed cell that passes the polar-sine test but whose atom sits 0.36 A from its own image
+    lat = torch.tensor([[[5.0, 0, 0], [19.8, 0.3, 0], [0, 0, 5.0]]], dtype=torch.float64)
+    report = check_validity(torch.zeros(1, 3, dtype=torch.float64), lat, torch.tensor([1]))
+    assert float(report.polar_sine[0]) > 1e-2
+    assert abs(float(report.min_distance[0]) - 0.3605551) < 1e-6 and not bool(report.valid[0])
+
+
 def test_validity_catches_broken_structures(mp20):
     good = mp20[0]
     overlapping = good.copy()

@@ -357,7 +357,13 @@ def test_relative_costs_accepted_and_weighted():
     costs = {"pos_b": 0.24677, "pos_eta": 0.72315, "cell_b": 0.030073, "cell_eta": 0.0}
     si = Interpolants.from_config({**PAPER_CONFIG, "relative_costs": costs})
     losses = {"pos_b": torch.tensor(1.0), "pos_eta": torch.tensor(2.0), "cell_b": torch.tensor(3.0)}
-    torch.testing.assert_close(si.total_loss(losses), torch.tensor(0.24677 + 2 * 0.72315 + 3 * 0.030073))
+    total = 0.24677 + 0.72315 + 0.030073  # the paper's rounded costs: 0.99999
+    torch.testing.assert_close(si.total_loss(losses), torch.tensor((0.24677 + 2 * 0.72315 + 3 * 0.030073) / total))
+    # costs are relative: any scale gives the same loss, and the defaults share the weight equally
+    scaled = Interpolants.from_config({**PAPER_CONFIG, "relative_costs": {k: 7 * v for k, v in costs.items()}})
+    torch.testing.assert_close(scaled.total_loss(losses), si.total_loss(losses))
+    default = Interpolants.from_config(PAPER_CONFIG).relative_costs
+    assert default == {k: 1 / 3 for k in ("pos_b", "pos_eta", "cell_b")}
 
 
 def test_bundle_interpolates_crystal_batches_and_computes_losses():

@@ -15,6 +15,7 @@ from crystalign.geometry import min_image
 from crystalign.model.cspnet import CSPNetConfig
 from crystalign.rewards.base import RewardResult
 from crystalign.rl.loop import Policy, RLConfig, RLDivergedError, RLTrainer, load_policy, rollout
+from crystalign.sampling import SamplerConfig
 
 
 def tiny_generator(seed: int = 0) -> Generator:
@@ -165,6 +166,49 @@ def test_invalid_fraction_guard_stops_run(tmp_path):
 def test_score_variant_needs_sde_model():
     with pytest.raises(ValueError, match="SDE"):
         Policy(tiny_generator(), config(variant="score"))
+
+
+SDE_POS = {"path": "trig", "periodic": True, "correct_com": True, "sde": True, "gamma": {"kind": "sqrt", "a": 0.049243},
+           "epsilon": {"kind": "vanishing", "c": 9.4187, "mu": 0.19678, "sigma": 0.040028}}
+
+
+def _generator(interpolants=None, **sampling) -> Generator:
+    torch.manual_seed(0)
+    extra = {"interpolants": interpolants} if interpolants else {}
+    cfg = GeneratorConfig(net=CSPNetConfig(hidden_dim=32, num_layers=2, num_freqs=8, time_dim=16),
+                          sampling=SamplerConfig(**sampling), **extra)
+    return Generator(cfg, BaseDistribution.from_preset("perov_5"))
+
+
+def test_score_variant_uses_each_fields_own_gamma_and_rejects_ode_fields():
+    costs = {"pos_policy": 1.0, "cell_policy": 1.0}
+    ode_cell = _generator({"pos": SDE_POS, "cell": {"path": "trig"}})
+    with pytest.raises(ValueError, match="'cell'.*SDE fields \\['pos'\\]"):
+        Policy(ode_cell, config(variant="score", fields=["pos", "cell"], costs=costs))
+    Policy(ode_cell, config(variant="score", fields=["pos"]))  # its SDE field alone is fine
+    sde_cell = {"path": "trig", "sde": True, "gamma": {"kind": "sqrt", "a": 0.5}, "epsilon": {"kind": "constant", "c": 1.0}}
+    gen = _generator({"pos": SDE_POS, "cell": sde_cell})
+    policy = Policy(gen, config(variant="score", fields=["pos", "cell"], costs=costs))
+    t = torch.tensor([0.1, 0.3, 0.7], dtype=torch.float64)
+    for f in ("pos", "cell"):
+        assert torch.allclose(policy.transitions[f].parametrisation.gamma(t), gen.interpolants[f].gamma(t))
+    assert not torch.allclose(gen.interpolants["pos"].gamma(t), gen.interpolants["cell"].gamma(t))
+
+
+def test_base_velocity_annealing_is_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match="velocity annealing"):
+        Policy(_generator(anneal_pos=10.0), config())
+
+
+def test_groups_of_a_batch_are_distinct_compositions():
+    formulas = ["NaCl", "KBr", "LiF", "CsI", "RbCl", "NaBr"]
+    comps = composition_batch(formulas, 1).to(dtype=torch.float32)
+    cfg = config(num_groups=6, group_size=2)
+    trainer = RLTrainer(Policy(tiny_generator(), cfg), rocksalt_reward, cfg, comps, progress=False)
+    for _ in range(20):
+        batch = trainer.sample_groups()
+        firsts = [s.composition.reduced_formula for s in batch[torch.arange(0, batch.num_structures, 2)].to_structures()]
+        assert sorted(firsts) == sorted(formulas)
 
 
 def _distributed_worker(rank: int, world: int, init_file: str, out: str) -> None:

@@ -85,27 +85,74 @@ def min_pbc_distance(
 
     Includes an atom's distance to its own periodic images (the shortest lattice vector), so a
     collapsed cell is caught even for one-atom structures. Pairs are taken minimum-image in
-    fractional space and then checked against the 27 neighbouring images, exact for cells that are
-    not extremely skewed (those fail the polar-sine test anyway).
+    fractional space and checked against the 27 neighbouring images; the result is then proven
+    exhaustive per structure from the interplanar spacings, and skewed cells where it is not (their
+    shortest image can lie many cells away) are LLL-reduced and searched again. Exact for every
+    cell with a positive volume.
     """
-    device = frac.device
-    b = n_atoms.numel()
-    src, dst, pair_batch = all_pairs(n_atoms, include_self=True)
     lat64 = lattice.to(torch.float64)
     frac64 = frac.to(torch.float64)
-    shifts = _SHIFTS.to(device)
-    best = torch.full((b,), float("inf"), dtype=torch.float64, device=device)
-    for start in range(0, src.numel(), chunk_pairs):
-        s, d, pb = src[start : start + chunk_pairs], dst[start : start + chunk_pairs], pair_batch[start : start + chunk_pairs]
-        df = min_image(frac64[d] - frac64[s])  # (P,3)
-        cand = df.unsqueeze(1) + shifts.unsqueeze(0)  # (P,27,3)
-        cart = torch.einsum("pkj,pjl->pkl", cand, lat64[pb])
-        dist = cart.norm(dim=-1)
+    best = _nearest_image_search(frac64, lat64, n_atoms, _SHIFTS.to(frac.device), chunk_pairs)
+    redo = (_image_reach(lat64, best) > 1).any(-1) & (volume(lat64) > 0) & torch.isfinite(best)
+    if redo.any():
+        idx = redo.nonzero().squeeze(1)
+        sub_frac, sub_lat = _lll_reduce(frac64, lat64, n_atoms, idx)
+        reach = int(_image_reach(sub_lat, best[idx]).max().clamp(1, _MAX_REACH))
+        axis = range(-reach, reach + 1)
+        shifts = torch.tensor(list(itertools.product(axis, axis, axis)), dtype=torch.float64, device=frac.device)
+        best[idx] = torch.minimum(best[idx], _nearest_image_search(sub_frac, sub_lat, n_atoms[idx], shifts, chunk_pairs))
+    return best.to(frac.dtype) if frac.is_floating_point() else best
+
+
+# An LLL-reduced cell needs at most a couple of neighbouring cells per axis; this caps the search
+# for pathological inputs (the structure is then invalid by its polar sine anyway).
+_MAX_REACH = 4
+
+
+def _image_reach(lattice: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """(B,3): how many cells along each axis an image closer than ``radius`` can lie from the
+    minimum-image displacement. A vector v has fractional component |f_a| <= |v| / h_a, with h_a the
+    spacing of the lattice planes a; a minimum-image start adds 1/2."""
+    a, b, c = lattice.unbind(-2)
+    cross = torch.stack([torch.cross(b, c, dim=-1), torch.cross(c, a, dim=-1), torch.cross(a, b, dim=-1)], dim=-2)
+    spacing = volume(lattice).unsqueeze(-1) / cross.norm(dim=-1).clamp_min(1e-300)
+    return torch.floor(radius.unsqueeze(-1) / spacing.clamp_min(1e-300) + 0.5)
+
+
+def _lll_reduce(
+    frac: torch.Tensor, lattice: torch.Tensor, n_atoms: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fractional coordinates and LLL-reduced lattices of the structures ``idx`` (same Cartesian sites)."""
+    from pymatgen.core import Lattice
+
+    offsets = (torch.cumsum(n_atoms, 0) - n_atoms).tolist()
+    counts = n_atoms.tolist()
+    fracs, lats = [], []
+    for i in idx.tolist():
+        lat = Lattice(lattice[i].cpu().numpy())
+        fracs.append(torch.from_numpy(lat.get_lll_frac_coords(frac[offsets[i] : offsets[i] + counts[i]].cpu().numpy())))
+        lats.append(torch.from_numpy(lat.lll_matrix))
+    return torch.cat(fracs).to(frac), torch.stack(lats).to(lattice)
+
+
+def _nearest_image_search(
+    frac: torch.Tensor, lattice: torch.Tensor, n_atoms: torch.Tensor, shifts: torch.Tensor, chunk_pairs: int
+) -> torch.Tensor:
+    """Per structure, the shortest distance over all pairs (self included) and the given image shifts."""
+    b = n_atoms.numel()
+    src, dst, pair_batch = all_pairs(n_atoms, include_self=True)
+    best = torch.full((b,), float("inf"), dtype=torch.float64, device=frac.device)
+    chunk = max(1, chunk_pairs * 27 // shifts.shape[0])
+    for start in range(0, src.numel(), chunk):
+        s, d, pb = src[start : start + chunk], dst[start : start + chunk], pair_batch[start : start + chunk]
+        df = min_image(frac[d] - frac[s])  # (P,3)
+        cand = df.unsqueeze(1) + shifts.unsqueeze(0)  # (P,S,3)
+        dist = torch.einsum("pkj,pjl->pkl", cand, lattice[pb]).norm(dim=-1)
         # a self pair at zero shift is the atom itself, not an image
         self_zero = (s == d).unsqueeze(1) & (cand.abs().sum(-1) < 1e-12)
         dist = dist.masked_fill(self_zero, float("inf")).min(dim=1).values
         best = torch.minimum(best, scatter_min(dist, pb, b, fill=float("inf")))
-    return best.to(frac.dtype) if frac.is_floating_point() else best
+    return best
 
 
 def all_pairs(n_atoms: torch.Tensor, include_self: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,8 +13,12 @@ displacement normalised by (V/N)^(1/3); a pair matches when it returns a value.
 * ``rmse``: mean normalised RMS over matched pairs (``None`` when nothing matched).
 * ``crmse``: mean over all pairs, every miss (invalid, wrong composition, no match, timeout, error)
   counted as ``stol`` = 0.5.
-* ``metre_*``: a reference counts as matched if any of its ``k`` samples matches, keeping the best
-  RMS; the denominator is the number of references. Equal to the plain metrics for ``k = 1``.
+* ``metre_*``: a reference counts as matched if a generated structure matches it, keeping the best
+  RMS; the denominator is the number of references. ``metre="samples"`` (default) looks at the
+  reference's own ``k`` samples (equal to the plain metrics for ``k = 1``); ``metre="any"`` at every
+  generated structure of the same reduced composition (METRe for polymorph splits such as carbon_24,
+  where a generated structure may find another reference's polymorph; up to #references x #generated
+  comparisons).
 * ``valid_rate``: generated structures that pass the validity check / generated structures.
 
 Matching runs in worker processes, each pair under a time limit. A pair that runs out of time is a
@@ -51,6 +55,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from crystalign.crystal import CrystalBatch
 
+#: What METRe compares a reference with: its own k samples, or any generated structure (polymorph splits).
+METRE_MODES = ("samples", "any")
+
 #: Default per-pair time limit in seconds (generous: a timeout changes the metric, it is a miss).
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -85,6 +92,8 @@ class CSPMetrics:
     metre_match_rate: float
     metre_rmse: float | None
     metre_crmse: float
+    metre: str
+    metre_timeouts: int  # cross pairs of metre="any" that ran out of time (misses)
     errors: int
     invalid_references: int
     tolerances: dict[str, float]
@@ -97,7 +106,7 @@ class CSPMetrics:
     error: list[str | None] = field(repr=False)  # why matching failed (exceptions, worker deaths)
     # per reference
     reference_valid: list[bool] = field(repr=False)
-    best_rms: list[float | None] = field(repr=False)  # best RMS over the k samples (METRe)
+    best_rms: list[float | None] = field(repr=False)  # best RMS over the samples METRe looks at
 
     @property
     def timed_out_pairs(self) -> list[int]:
@@ -117,6 +126,8 @@ class CSPMetrics:
             "metre_match_rate": self.metre_match_rate,
             "metre_rmse": self.metre_rmse,
             "metre_crmse": self.metre_crmse,
+            "metre": self.metre,
+            "metre_timeouts": self.metre_timeouts,
             "errors": self.errors,
             "invalid_references": self.invalid_references,
             "timed_out_pairs": self.timed_out_pairs,
@@ -154,12 +165,15 @@ class CSPMetrics:
             f"  valid        {100 * self.valid_rate:6.2f} %  ({sum(self.valid)}/{self.n})",
             f"  timeouts     {self.timeouts}",
         ]
-        if self.k > 1:
+        if self.k > 1 or self.metre == "any":
             lines += [
-                f"  METRe match  {100 * self.metre_match_rate:6.2f} %  ({n_ref_matched}/{self.n_references} references)",
+                f"  METRe match  {100 * self.metre_match_rate:6.2f} %  ({n_ref_matched}/{self.n_references} references, "
+                f"{'any generated structure' if self.metre == 'any' else 'own samples'})",
                 f"  METRe RMSE   {num(self.metre_rmse)}",
                 f"  METRe cRMSE  {num(self.metre_crmse)}",
             ]
+        if self.metre_timeouts:
+            lines.append(f"  METRe timeouts {self.metre_timeouts} (cross pairs, counted as misses)")
         if self.errors:
             lines.append(f"  errors       {self.errors} (counted as misses)")
         if self.invalid_references:
@@ -207,6 +221,7 @@ def csp_metrics(
     matcher_kwargs: dict[str, float] | None = None,
     progress: bool = True,
     start_method: str | None = None,
+    metre: str = "samples",
 ) -> CSPMetrics:
     """Match rate, RMSE, cRMSE, METRe and validity of ``generated`` against ``references``.
 
@@ -223,6 +238,8 @@ def csp_metrics(
         progress: show a progress bar (on a terminal) while matching.
         start_method: multiprocessing start method; default ``fork`` where available (workers start
             instantly and only run pymatgen), else the platform default.
+        metre: which generated structures METRe compares with a reference: ``"samples"`` its own
+            ``k`` samples, ``"any"`` every generated structure of the same reduced composition.
 
     Example::
 
@@ -245,6 +262,8 @@ def csp_metrics(
         raise ValueError(f"expected k * n_references = {k} * {len(ref)} = {k * len(ref)} generated structures, got {len(gen)}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
+    if metre not in METRE_MODES:
+        raise ValueError(f"metre must be one of {METRE_MODES}, got {metre!r}")
     kwargs = dict(BENCHMARK_TOLERANCES)
     kwargs.update(matcher_kwargs or {})
     stol = float(kwargs["stol"])
@@ -261,10 +280,19 @@ def csp_metrics(
         same_comp[p] = _same_reduced_composition(gen[p], ref[i])
         if same_comp[p]:
             tasks.append((p, gen[p], ref[i]))
+    if metre == "any":  # cross pairs (p, i): every other valid generated structure of i's reduced composition
+        by_comp: dict[Any, list[int]] = {}
+        for p in range(n):
+            if gen_valid[p]:
+                by_comp.setdefault(_reduced_composition(gen[p]), []).append(p)
+        for i, r in enumerate(ref):
+            if ref_valid[i]:
+                tasks += [((p, i), gen[p], r) for p in by_comp.get(_reduced_composition(r), []) if p // k != i]
 
     rms: list[float | None] = [None] * n
     timed_out = [False] * n
     error: list[str | None] = [None] * n
+    cross: dict[tuple[int, int], tuple[str, float | None]] = {}
     if tasks:
         n_workers = default_workers() if n_workers is None else n_workers
         bar = _progress_bar(len(tasks), progress)
@@ -273,10 +301,13 @@ def csp_metrics(
         finally:
             bar.close()
         for p, (status, value, message) in results.items():
+            if isinstance(p, tuple):
+                cross[p] = (status, value)
+                continue
             rms[p] = value if status == "ok" else None
             timed_out[p] = status == "timeout"
             error[p] = message if status == "error" else None
-    return _aggregate(gen_valid, ref_valid, same_comp, rms, timed_out, error, k, stol, kwargs)
+    return _aggregate(gen_valid, ref_valid, same_comp, rms, timed_out, error, k, stol, kwargs, metre, cross)
 
 
 # ---------------------------------------------------------------------------------------------- internals
@@ -288,22 +319,27 @@ def _as_structures(items) -> list:
     return list(items)
 
 
-def _same_reduced_composition(a: "Structure", b: "Structure") -> bool:
+def _reduced_composition(s: "Structure"):
     try:
-        return a.composition.reduced_composition == b.composition.reduced_composition
-    except Exception:  # exotic species or zero amounts: cannot be the same composition
-        return False
+        return s.composition.reduced_composition
+    except Exception:  # exotic species or zero amounts: a key equal to nothing else
+        return object()
 
 
-def _aggregate(gen_valid, ref_valid, same_comp, rms, timed_out, error, k, stol, tolerances) -> CSPMetrics:
+def _same_reduced_composition(a: "Structure", b: "Structure") -> bool:
+    return _reduced_composition(a) == _reduced_composition(b)
+
+
+def _aggregate(gen_valid, ref_valid, same_comp, rms, timed_out, error, k, stol, tolerances, metre, cross) -> CSPMetrics:
     n = len(gen_valid)
     n_ref = len(ref_valid)
     matched = [r is not None for r in rms]
     matched_rms = [r for r in rms if r is not None]
-    best: list[float | None] = []
-    for i in range(n_ref):
-        group = [r for r in rms[i * k : (i + 1) * k] if r is not None]
-        best.append(min(group) if group else None)
+    found: list[list[float]] = [[r for r in rms[i * k : (i + 1) * k] if r is not None] for i in range(n_ref)]
+    for (_, i), (status, value) in cross.items():
+        if status == "ok" and value is not None:
+            found[i].append(value)
+    best: list[float | None] = [min(group) if group else None for group in found]
     best_found = [r for r in best if r is not None]
     return CSPMetrics(
         match_rate=len(matched_rms) / n,
@@ -317,6 +353,8 @@ def _aggregate(gen_valid, ref_valid, same_comp, rms, timed_out, error, k, stol, 
         metre_match_rate=len(best_found) / n_ref,
         metre_rmse=float(np.mean(best_found)) if best_found else None,
         metre_crmse=float(np.mean([stol if r is None else r for r in best])),
+        metre=metre,
+        metre_timeouts=sum(status == "timeout" for status, _ in cross.values()),
         errors=sum(e is not None for e in error),
         invalid_references=n_ref - sum(ref_valid),
         tolerances={key: float(v) for key, v in tolerances.items()},
@@ -421,7 +459,7 @@ class _Worker:
     process: Any
     conn: Connection
     ready: bool = False
-    pair: int | None = None
+    pair: Any = None  # task key: a pair index, or (generated, reference) for METRe cross pairs
     started: float = 0.0
 
 
@@ -465,7 +503,7 @@ class _WorkerPool:
     def run(self, tasks, on_done: Callable[[], None]) -> dict:
         pending = deque(p for p, _, _ in tasks)
         payload = {p: (gen, ref) for p, gen, ref in tasks}
-        self.results: dict[int, tuple[str, float | None, str | None]] = {}
+        self.results: dict[Any, tuple[str, float | None, str | None]] = {}
         self.on_done = on_done
         try:
             self.workers = [self._start() for _ in range(min(self.n_workers, len(tasks)))]

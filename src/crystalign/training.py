@@ -160,7 +160,8 @@ class GeneratorModule(L.LightningModule):
     def validation_step(self, batch: CrystalBatch, batch_idx: int):
         gen = self.ema or self.generator
         g = torch.Generator(device=batch.device).manual_seed(1234 + batch_idx)
-        losses = interpolant_losses(gen, batch, generator=g)
+        # the training objective, coupling included, so the two losses are comparable
+        losses = interpolant_losses(gen, batch, generator=g, min_perm=self.config.min_perm_coupling)
         loss = gen.interpolants.total_loss(losses)
         self.log("val/loss", loss, prog_bar=True, batch_size=batch.num_structures, sync_dist=True)
 

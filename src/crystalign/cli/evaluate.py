@@ -63,6 +63,11 @@ def evaluate(
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics with per-pair details to this JSON file."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    metre: str = typer.Option(
+        "samples", "--metre",
+        help="METRe compares each reference with its own k samples ('samples') or with every generated structure "
+        "of the same reduced composition ('any': polymorph splits such as carbon_24).",
+    ),
 ) -> None:
     """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs)."""
     from crystalign.io import write_json
@@ -78,7 +83,7 @@ def evaluate(
         typer.echo(f"{len(unreadable)} generated structure(s) unreadable, counted invalid: {', '.join(unreadable[:10])}", err=True)
     try:
         result = csp_metrics(
-            gen, ref, k=k, n_workers=workers, timeout=timeout or None, progress=progress
+            gen, ref, k=k, n_workers=workers, timeout=timeout or None, progress=progress, metre=metre
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -376,8 +376,9 @@ class Interpolants:
     """The position and lattice interpolants of a CSP model with the relative cost of every loss.
 
     ``relative_costs`` maps loss keys (:data:`LOSS_KEYS`) to weights >= 0. Every active loss (``<field>_b``
-    always, ``<field>_eta`` for SDE fields) needs a cost; use 0 to switch one off. Without costs every active
-    loss gets weight 1.
+    always, ``<field>_eta`` for SDE fields) needs a cost; use 0 to switch one off. The costs are relative: they
+    are normalised to sum to 1 (as the method requires), so the loss scale, and with it gradient clipping, does
+    not depend on how they are written. Without costs the active losses share the weight equally.
 
     Example::
 
@@ -393,7 +394,7 @@ class Interpolants:
         self.cell = cell
         active = self.active_loss_keys
         if relative_costs is None:
-            relative_costs = {key: 1.0 for key in active}
+            relative_costs = {key: 1.0 for key in active}  # normalised below
         self.relative_costs = _validate_costs(relative_costs, active)
 
     @property
@@ -525,9 +526,10 @@ def _validate_costs(costs: Mapping[str, Any], active: tuple[str, ...]) -> dict[s
     missing = [k for k in active if k not in out]
     if missing:
         raise ValueError(f"no cost for active loss(es) {missing}; give each one (0 switches it off)")
-    if sum(out.values()) <= 0:
+    total = sum(out.values())
+    if total <= 0:
         raise ValueError("all relative costs are zero")
-    return out
+    return {key: value / total for key, value in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------- config parsing

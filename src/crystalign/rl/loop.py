@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -122,19 +123,28 @@ class Policy(nn.Module):
         reference.eval()
         self.net = copy.deepcopy(reference.net).requires_grad_(True) if config.variant in NETWORK_VARIANTS else None
         self.scale = ScaleMLP() if config.variant == "scale" else None
-        gamma = None
+        # the score drift b - σ²/(2γ)·η needs each reinforced field's own denoiser and γ(t)
+        gammas: dict[str, Any] = {}
         if config.variant == "score":
-            pos_ip = reference.interpolants["pos"]
-            if not pos_ip.uses_denoiser:
-                raise ValueError(
-                    "variant 'score' needs a base model trained as an SDE with a denoiser η and a latent γ(t) for positions; "
-                    "this model is an ODE model: use variant 'velocity' or 'scale'"
-                )
-            gamma = pos_ip.gamma_schedule
+            for f in config.fields:
+                ip = reference.interpolants[f]
+                if not ip.uses_denoiser:
+                    raise ValueError(
+                        f"variant 'score' reinforces field {f!r}, but the base model learned it without a denoiser η "
+                        f"and latent γ(t) (an ODE field): reinforce only its SDE fields "
+                        f"{[g for g in FIELDS if reference.interpolants[g].uses_denoiser]}, or use variant 'velocity'"
+                    )
+                gammas[f] = ip.gamma_schedule
+        if reference.config.sampling.anneal_pos or reference.config.sampling.anneal_cell:
+            warnings.warn(
+                "the base model samples with velocity annealing (sampling.anneal_pos/anneal_cell), which RL ignores: "
+                "the policy starts from the un-annealed velocity field",
+                stacklevel=2,
+            )
         ref_noise = config.reference_noise or {}
         self.transitions = nn.ModuleDict(
             {
-                f: make_transition(config.variant, f, config.noise[f], ref_noise.get(f), gamma=gamma, scale_model=scale_model)
+                f: make_transition(config.variant, f, config.noise[f], ref_noise.get(f), gamma=gammas.get(f), scale_model=scale_model)
                 for f in config.fields
             }
         )
@@ -266,7 +276,12 @@ class RLTrainer:
     # ----------------------------------------------------------------- one iteration
     def sample_groups(self) -> CrystalBatch:
         cfg = self.config
-        idx = torch.randint(self.compositions.num_structures, (cfg.num_groups,), generator=self.data_generator)
+        n = self.compositions.num_structures
+        # distinct compositions per batch, as GRPO intends; repeats only when there are fewer than groups
+        if cfg.num_groups <= n:
+            idx = torch.randperm(n, generator=self.data_generator)[: cfg.num_groups]
+        else:
+            idx = torch.randint(n, (cfg.num_groups,), generator=self.data_generator)
         per_rank = cfg.num_groups // self.world
         mine = idx[self.rank * per_rank : (self.rank + 1) * per_rank]
         return self.compositions[mine].repeat_interleave(cfg.group_size)
