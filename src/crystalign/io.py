@@ -30,6 +30,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+class OutputPathError(PermissionError):
+    """An output path that cannot be written: raised before any work is done."""
+
+
+def check_output_dir(out: str | os.PathLike) -> Path:
+    """Fail before any work if the folder ``out`` cannot be created or written (creates it)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"output folder {out} is an existing file; choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise OutputPathError(f"output folder {out} is not writable: {err.strerror or err}") from None
+    return out
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Fail before any work if the file ``path`` cannot be written (a folder there, or an unwritable parent)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"output file {path} is an existing folder; give a file name")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputPathError(f"cannot write {path}: {parent} is a file, not a folder")
+    check_output_dir(parent)
+    return path
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -28,7 +28,7 @@ import torch
 
 from crystalign.crystal import CrystalBatch
 from crystalign.generator import Generator, composition_batch, parse_composition
-from crystalign.io import atomic_path, write_json
+from crystalign.io import atomic_path, check_output_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,6 @@ class PredictResult:
 
 
 # ---------------------------------------------------------------------- checks before any work
-def check_output_dir(out: Path) -> None:
-    """Fail before any work if ``out`` cannot be created or written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"output folder {out} is not writable: {err.strerror or err}") from None
-
-
 def coverage_warnings(gen: Generator, species: list[int]) -> list[str]:
     """Human-readable warnings when the composition is outside the model's training coverage."""
     from pymatgen.core import Element
