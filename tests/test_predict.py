@@ -59,6 +59,7 @@ def test_predict_bad_input(tmp_path, args, message):
     res = CliRunner().invoke(app, ["predict", *args, "--out", str(tmp_path / "p")])
     assert res.exit_code != 0
     assert message in res.output
+    assert not (tmp_path / "p").exists()  # a refused query leaves no empty folder behind
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path):

@@ -227,17 +227,24 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
 
     formula = Composition(opts.composition).reduced_formula
     out = Path(opts.out or f"predictions/{formula}")
+    created = not out.exists()
     check_output_dir(out)
-    stages = _Stages(out, opts, opts.resume)
-    gen = Generator.load(opts.model).to(opts.device)
-    species = parse_composition(opts.composition, max_atoms=gen.config.max_atoms)
+    try:
+        stages = _Stages(out, opts, opts.resume)
+        gen = Generator.load(opts.model).to(opts.device)
+        species = parse_composition(opts.composition, max_atoms=gen.config.max_atoms)
+        backend = get_backend(opts.backend)
+        check_supported = getattr(backend, "check_elements", None)
+        if check_supported is not None:
+            check_supported(species)
+    except BaseException:
+        # a refused query leaves no trace: remove the folder this call created while still empty
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     warns = coverage_warnings(gen, species)
     for w in warns:
         warnings.warn(f"{opts.composition}: {w}", CoverageWarning, stacklevel=2)
-    backend = get_backend(opts.backend)
-    check_supported = getattr(backend, "check_elements", None)
-    if check_supported is not None:
-        check_supported(species)
     reward = EnergyReward(backend)
     template = composition_batch([opts.composition], opts.n, max_atoms=gen.config.max_atoms)
     summary: dict[str, Any] = {
