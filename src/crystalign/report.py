@@ -97,10 +97,22 @@ def _new_figure(width: float, height: float, constrained: bool = True) -> Figure
     return fig
 
 
-def _png_bytes(fig: Figure) -> bytes:
+def _figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, facecolor="white")
+    fig.savefig(buf, format=fmt, dpi=_DPI, facecolor="white")
     return buf.getvalue()
+
+
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The image format a file name asks for (its suffix); ValueError naming the file for other suffixes."""
+    suffix = Path(path).suffix
+    fmt = suffix.lower().lstrip(".")
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"{path}: cannot write a figure as {suffix or '(no suffix)'}; give a file name ending in .png, .pdf or .svg")
+    return fmt
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -175,16 +187,19 @@ def _schedule_figure(schedule: Mapping[str, Sequence[float]]) -> Figure | None:
 
 
 def plot_schedule(schedule: Mapping[str, Sequence[float]], path: str | os.PathLike) -> Path:
-    """Plot a (learned) schedule ``{"t": [...], "pos_s": [...], "cell_s": [...], "pos_sigma": [...]}`` to a PNG.
+    """Plot a (learned) schedule ``{"t": [...], "pos_s": [...], "cell_s": [...], "pos_sigma": [...]}`` to a PNG,
+    PDF or SVG file (by the suffix of ``path``).
 
     Any subset of the series may be present; keys ending in ``_s`` are time maps, keys ending in ``sigma`` noise
-    levels. Raises ValueError when there is no ``t`` or no series, or a series does not match ``t`` in length.
+    levels. Raises ValueError when there is no ``t`` or no series, a series does not match ``t`` in length, or the
+    suffix is not .png, .pdf or .svg.
     """
+    fmt = figure_format(path)
     fig = _schedule_figure(schedule)
     if fig is None:
         raise ValueError("schedule has no series besides 't' to plot")
     path = Path(path)
-    _write_bytes(path, _png_bytes(fig))
+    _write_bytes(path, _figure_bytes(fig, fmt))
     return path
 
 
@@ -519,7 +534,7 @@ def write_report(
         raise ValueError(f"{len(structures)} structures for {len(rows)} candidates; they must be aligned")
 
     def emit(fig: Figure, name: str, alt: str) -> str:
-        data = _png_bytes(fig)
+        data = _figure_bytes(fig)
         _write_bytes(fig_dir / name, data)
         return _img(data, alt, f"{FIGURES_DIR}/{name}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,8 @@ def fit_cmd(
     base_checkpoint: str = typer.Option(..., "--base-checkpoint", "-b", help="Base model: shipped name or checkpoint path."),
     out: Path = typer.Option(Path("runs/rl"), "--out", "-o"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (no iteration is lost)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Total iterations (overrides the config; raise it to extend a run with --resume)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (overrides the config)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root"),
     report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html at the end."),
 ) -> None:
@@ -30,22 +32,37 @@ def fit_cmd(
     Several processes or GPUs: torchrun --nproc-per-node 4 -m crystalign.cli rl fit CONFIG -b CKPT
     """
     from crystalign.config import ConfigError, load_config
-    from crystalign.generator import Generator
+    from crystalign.generator import Generator, load_checkpoint_file, resolve_model
     from crystalign.data.splits import load_training_data
-    from crystalign.rl.loop import Policy, RLConfig, RLDivergedError, RLTrainer, load_scale_model
+    from crystalign.rl.loop import (
+        Policy, RLConfig, RLDivergedError, RLTrainer, check_device, check_resume, check_run_dir, coverage_summary, load_scale_model,
+    )
 
+    path = resolve_config(config)
     try:
-        cfg = load_config(resolve_config(config), RLConfig)
+        cfg = load_config(path, RLConfig)
     except (ConfigError, ValueError) as err:
+        msg = str(err)
+        _fail(msg if msg.startswith(str(path)) else f"{path}: {msg}")
+    try:
+        overrides = {k: v for k, v in {"iterations": iterations, "device": device}.items() if v is not None}
+        cfg = dataclasses.replace(cfg, **overrides)  # re-runs RLConfig's checks on the overridden values
+        check_device(cfg.device, "--device" if device is not None else f"{path}: device")
+    except ValueError as err:
         _fail(str(err))
-    if iterations is not None:
-        cfg.iterations = iterations
     init_distributed(cfg.device)
+    try:  # cheap checks first (arguments in command-line order): they fail before the base model and data are loaded
+        resolve_model(base_checkpoint)
+        check_run_dir(out, resume)
+    except (FileExistsError, FileNotFoundError, PermissionError) as err:
+        _fail(str(err))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     try:
         base = Generator.load(base_checkpoint).to(cfg.device)
+        if resume:
+            check_resume(load_checkpoint_file(out / "last.pt"), cfg, base.model_hash(), where=str(out / "last.pt"))
         train, hold, _ = load_training_data(cfg.data, str(data_root) if data_root else None)
         reward, val_reward = build_rewards(cfg.reward, train, hold)
         policy = Policy(base, cfg, scale_model=load_scale_model(cfg.scale_model)).to(cfg.device)
@@ -54,11 +71,14 @@ def fit_cmd(
     trainer = RLTrainer(
         policy, reward, cfg, train.to(cfg.device, dtype=torch.float32), hold.to(cfg.device, dtype=torch.float32), validation_reward=val_reward
     )
+    warning = coverage_summary(base, train) if trainer.rank == 0 else None
+    if warning:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     try:
         history = trainer.fit(out, resume=resume)
     except RLDivergedError as err:
         _fail(f"{err}. Last good checkpoint: {out / 'last.pt'}", code=3)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, FileExistsError, PermissionError) as err:
         _fail(str(err))
     if report and trainer.rank == 0:
         write_rl_report(out, trainer)
@@ -127,22 +147,34 @@ def sample_cmd(
     k: int = typer.Option(1, "-k"),
     out: Path = typer.Option(Path("rl_samples"), "--out", "-o"),
     no_noise: bool = typer.Option(False, "--no-noise", help="Deterministic mean path instead of the trained stochastic policy."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Time points (default: as trained)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Time points, >= 2 (default: as trained)."),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Sample the reinforced policy.
 
     Example: crystalign rl sample runs/rl_perov/best.pt --composition SrTiO3 -n 16 --out rl_samples/
     """
     from crystalign.generator import composition_batch
-    from crystalign.io import write_structure_set
-    from crystalign.rl.loop import load_policy
+    from crystalign.io import check_output_dir, write_structure_set
+    from crystalign.rl.loop import check_device, load_policy
 
     if (composition is None) == (compositions_from is None):
         _fail("give either --composition or --compositions-from")
+    if n < 1 or k < 1:
+        _fail("-n and -k must be >= 1")
+    if batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        dev = check_device(device, "--device")
+        check_output_dir(out)
+    except (ValueError, PermissionError) as err:
+        _fail(str(err))
     try:
         policy, state = load_policy(checkpoint)
+        # None means "as trained"; an explicit value goes through RLConfig's own check (steps >= 2)
+        steps = dataclasses.replace(policy.config, steps=steps).steps if steps is not None else policy.config.steps
         if composition:
             template = composition_batch(composition, n, max_atoms=policy.reference.config.max_atoms)
         else:
@@ -153,8 +185,9 @@ def sample_cmd(
             template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    batch = sample_policy(policy, template, steps or policy.config.steps, seed, batch_size, noise=not no_noise)
-    write_structure_set(out, batch, {"checkpoint": str(checkpoint), "iteration": state["iteration"], "seed": seed, "noise": not no_noise, "steps": steps or policy.config.steps})
+    policy.to(dev)
+    batch = sample_policy(policy, template.to(dev), steps, seed, batch_size, noise=not no_noise).to("cpu")
+    write_structure_set(out, batch, {"checkpoint": str(checkpoint), "iteration": state["iteration"], "seed": seed, "noise": not no_noise, "steps": steps})
     typer.echo(f"wrote {batch.num_structures} structures to {out}")
 
 
@@ -177,13 +210,19 @@ def plot_schedule_cmd(
     checkpoint: Path = typer.Argument(..., help="RL checkpoint."),
     out: Path = typer.Option(Path("schedule.png"), "--out", "-o"),
 ) -> None:
-    """Plot the learned s(t) (velocity annealing) and σ(t) as a PNG.
+    """Plot the learned s(t) (velocity annealing) and σ(t) as a PNG, PDF or SVG (by the suffix of --out).
 
     Example: crystalign rl plot-schedule runs/rl_scale/best.pt --out schedule.png
     """
-    from crystalign.report import plot_schedule
+    from crystalign.io import check_output_file
+    from crystalign.report import figure_format, plot_schedule
     from crystalign.rl.loop import load_policy
 
+    try:
+        figure_format(out)
+        check_output_file(out)
+    except (ValueError, PermissionError) as err:
+        _fail(str(err))
     try:
         policy, _ = load_policy(checkpoint)
     except (FileNotFoundError, ValueError) as err:

@@ -159,8 +159,18 @@ def _import_path(path: str) -> Any:
     module, _, attr = path.partition(":")
     if not attr:
         raise ValueError(f"expected 'package.module:function', got {path!r}")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
+    # a misspelt user spec is a config mistake: say what is missing instead of an import traceback
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as err:
+        missing = getattr(err, "name", None)
+        own = missing is not None and (module == missing or module.startswith(missing + "."))
+        why = f"module {module!r} not found ({err})" if own else f"importing module {module!r} failed: {err}"
+        raise ValueError(f"cannot import {path!r}: {why} (is it installed or on PYTHONPATH?)") from None
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            owner = ".".join([module, *attr.split(".")[:i]])
+            raise ValueError(f"cannot import {path!r}: {owner!r} has no attribute {part!r}")
         obj = getattr(obj, part)
     return obj
 

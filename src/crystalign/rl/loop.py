@@ -61,6 +61,41 @@ class RLValidationConfig:
     num_compositions: int = 32
     samples_per_composition: int = 1
 
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "validation.every", ">= 0 (0 = no validation)", self.every)
+        _require(self.num_compositions >= 1, "validation.num_compositions", ">= 1", self.num_compositions)
+        _require(self.samples_per_composition >= 1, "validation.samples_per_composition", ">= 1", self.samples_per_composition)
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{key} must be {rule}, got {value!r}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_device(device: str, where: str = "device", available: bool = True) -> torch.device:
+    """``device`` as a torch.device; ValueError naming ``where`` for a malformed name or (``available``) a device
+    this machine or PyTorch build cannot use."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{where}: invalid device {device!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{where}: unsupported device {device!r}; expected cpu, cuda or cuda:N")
+    if not available:
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{where}: {device!r} requested, but CUDA is not available (a CPU-only PyTorch build or no visible GPU); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{where}: {device!r} requested, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{where}: {device!r} requested, but MPS is not available on this machine; use cpu")
+    return dev
+
 
 @dataclass
 class RLConfig:
@@ -103,6 +138,21 @@ class RLConfig:
             raise ValueError(f"steps must be >= 2, got {self.steps}")
         if self.max_atoms_per_backward < 0:
             raise ValueError(f"max_atoms_per_backward must be >= 0, got {self.max_atoms_per_backward}")
+        _require(self.num_groups >= 1, "num_groups", ">= 1", self.num_groups)
+        _require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
+        _require(self.iterations >= 0, "iterations", ">= 0", self.iterations)
+        _require(_finite(self.lr) and self.lr > 0, "lr", "a positive finite number", self.lr)
+        _require(_finite(self.clip_eps) and self.clip_eps > 0, "clip_eps", "a positive finite number", self.clip_eps)
+        _require(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = no clipping)", self.grad_clip)
+        _require(
+            _finite(self.max_invalid_fraction) and 0 <= self.max_invalid_fraction <= 1,
+            "max_invalid_fraction", "between 0 and 1", self.max_invalid_fraction,
+        )
+        _require(self.minibatch_trajectories is None or self.minibatch_trajectories >= 1, "minibatch_trajectories", ">= 1 or null", self.minibatch_trajectories)
+        _require(self.num_threads is None or self.num_threads >= 0, "num_threads", ">= 0 or null (0/null = PyTorch's default)", self.num_threads)
+        # the name only: whether this machine has the device is checked where the run starts, so a checkpoint
+        # trained on a GPU still loads for sampling on a CPU-only machine
+        check_device(self.device, "device", available=False)
         validate_costs(self.costs, self.normalize_costs)
 
 
@@ -272,6 +322,7 @@ class RLTrainer:
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.data_generator = torch.Generator().manual_seed(config.seed)  # identical on every rank
         self.reference_volume: float | None = None
+        self.reference_hash = policy.reference.model_hash()  # the base model's identity, checked on resume
 
     # ----------------------------------------------------------------- one iteration
     def sample_groups(self) -> CrystalBatch:
@@ -461,9 +512,11 @@ class RLTrainer:
             "rng": self.generator.get_state(),
             "data_rng": self.data_generator.get_state(),
             "reference": self.policy.reference.checkpoint_dict(),
+            "reference_hash": self.reference_hash,
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any], where: str = "RL checkpoint") -> None:
+        check_resume(state, self.config, self.reference_hash, where)
         missing, unexpected = self.policy.load_state_dict(state["policy"], strict=False)
         unexpected = [k for k in unexpected if not k.startswith("reference.")]
         if unexpected or [k for k in missing if not k.startswith("reference.")]:
@@ -482,13 +535,12 @@ class RLTrainer:
 
         from crystalign.io import save_torch, write_json
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        from crystalign.generator import load_checkpoint_file
+
+        out = check_run_dir(out_dir, resume)
         last = out / "last.pt"
         if resume:
-            if not last.exists():
-                raise FileNotFoundError(f"--resume: no {last} to resume from")
-            self.load_state(torch.load(last, map_location="cpu", weights_only=True))
+            self.load_state(load_checkpoint_file(last), where=str(last))
         vc = self.config.validation
         if vc.every and self.iteration == 0 and not self.history:
             # the untrained policy (stochastic, as it will be trained): the baseline of every validation curve
@@ -514,9 +566,106 @@ class RLTrainer:
             if on_iteration is not None:
                 on_iteration(row)
         bar.close()
+        if self.rank == 0 and not last.exists():
+            # a run of 0 iterations: still resumable, and recognised as a run by check_run_dir
+            save_torch(last, self.state())
+            write_json(out / "history.json", self.history)
         if self.rank == 0 and not (out / "best.pt").exists():
             save_torch(out / "best.pt", self.state())
         return self.history
+
+
+# ---------------------------------------------------------------------- run folder and resume checks
+RUN_FILES = ("last.pt", "history.json", "best.pt")
+
+# Config keys a resumed run may change: they decide how long it runs, where, on how many threads, how often it is
+# validated and when the guards stop it, but not what an iteration computes (max_atoms_per_backward only regroups
+# an exact sum; duplicate_check only adds a logged statistic). Everything else would silently mix two runs.
+RESUMABLE_KEYS = ("iterations", "device", "num_threads", "max_atoms_per_backward", "validation.every", "max_invalid_fraction", "duplicate_check")
+
+
+def check_run_dir(out_dir: str | Path, resume: bool) -> Path:
+    """Before any work: ``out_dir`` is writable, holds a run to resume (``resume``) or holds no run (so a new
+    run cannot overwrite one)."""
+    from crystalign.io import check_output_dir
+
+    out = Path(out_dir)
+    if _dist()[0] == 0:  # one rank probes: ranks sharing the folder would race on the probe file
+        check_output_dir(out)
+    if resume and not (out / "last.pt").exists():
+        raise FileNotFoundError(f"--resume: no {out / 'last.pt'} to resume from")
+    if not resume and any((out / f).exists() for f in RUN_FILES):
+        raise FileExistsError(f"{out} already holds an RL run; pass --resume to continue it or choose another --out")
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(state: dict[str, Any], config: RLConfig, reference_hash: str, where: str = "RL checkpoint") -> None:
+    """ValueError when ``config`` or the base model differs from the run saved in ``state`` (except
+    :data:`RESUMABLE_KEYS`): resuming must continue the same run, not a mix of two."""
+    from crystalign.config import from_dict
+
+    saved = state.get("config") or {}
+    try:  # normalised, with defaults for keys an older crystalign did not save
+        saved = to_dict(from_dict(RLConfig, saved, where=where))
+    except ValueError:
+        pass
+    old, new = _flatten(saved), _flatten(to_dict(config))
+    missing = object()
+    changed = sorted(
+        k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing) and k not in RESUMABLE_KEYS
+    )
+    if changed:
+        show = lambda d, k: repr(d[k]) if k in d else "(unset)"  # noqa: E731
+        detail = "; ".join(f"{k}: {show(old, k)} -> {show(new, k)}" for k in changed)
+        raise ValueError(
+            f"--resume: the config differs from the run in {where} in {', '.join(changed)} ({detail}). Only "
+            f"{', '.join(RESUMABLE_KEYS)} may change when resuming; use the run's config or choose another --out"
+        )
+    saved_hash = state.get("reference_hash")
+    if saved_hash is None and isinstance(state.get("reference"), dict):
+        try:  # checkpoints written before the hash was recorded: hash the base model they carry
+            saved_hash = Generator.from_checkpoint_dict(state["reference"], where=f"{where}:reference").model_hash()
+        except ValueError:
+            saved_hash = None
+    if saved_hash is None:
+        warnings.warn(f"{where} records no base model: cannot check that --base-checkpoint is the one the run started from", stacklevel=2)
+    elif saved_hash != reference_hash:
+        raise ValueError(
+            f"--resume: the base model (hash {reference_hash}) is not the one the run in {where} started from "
+            f"(hash {saved_hash}); pass the original --base-checkpoint or choose another --out"
+        )
+
+
+def coverage_summary(reference: Generator, compositions: CrystalBatch, limit: int = 3) -> str | None:
+    """One summarised warning (or None) when training compositions lie outside the base model's training
+    coverage, from the same per-composition checks as ``crystalign predict``."""
+    from collections import Counter
+
+    from crystalign.predict import coverage_warnings
+
+    per_structure = compositions.species.cpu().split(compositions.n_atoms.cpu().tolist())
+    counts = Counter(tuple(sorted(s.tolist())) for s in per_structure)
+    problems: Counter[str] = Counter()
+    outside = 0
+    for species, count in counts.items():
+        found = coverage_warnings(reference, list(species))
+        outside += count if found else 0
+        for w in found:
+            problems[w] += count
+    if not problems:
+        return None
+    shown = "; ".join(f"{w} ({c}x)" for w, c in problems.most_common(limit))
+    more = f"; and {len(problems) - limit} other problem(s)" if len(problems) > limit else ""
+    return f"{outside} of {compositions.num_structures} training compositions lie outside the base model's training coverage: {shown}{more}"
 
 
 def _select(ref: FieldOutputs, rows: torch.Tensor) -> FieldOutputs:
@@ -562,7 +711,10 @@ def load_policy(path: str | Path, map_location: str = "cpu") -> tuple[Policy, di
     state = load_checkpoint_file(path, map_location)
     if state.get("format") != "crystalign-rl":
         raise ValueError(f"{path}: not a crystalign RL checkpoint")
-    config = from_dict(RLConfig, state["config"], where=f"{path}:config")
+    try:
+        config = from_dict(RLConfig, state["config"], where=f"{path}:config")
+    except ValueError as err:  # RLConfig's own checks do not know the file
+        raise ValueError(str(err) if str(err).startswith(str(path)) else f"{path}:config: {err}") from None
     reference = Generator.from_checkpoint_dict(state["reference"], where=f"{path}:reference")
     policy = Policy(reference, config, scale_model=load_scale_model(config.scale_model))
     missing, unexpected = policy.load_state_dict(state["policy"], strict=False)
