@@ -209,13 +209,20 @@ def parse_composition(formula: str, max_atoms: int | None = None) -> list[int]:
 
 
 def composition_batch(compositions: Sequence[str], n: int = 1, max_atoms: int | None = None) -> CrystalBatch:
-    """A template batch (species and atom counts only) with ``n`` copies of each composition, contiguous."""
+    """A template batch (species and atom counts only) with ``n`` copies of each composition, contiguous.
+
+    Ids are ``{formula}_{j}`` (j = 0..n-1); a formula given again continues its count (``_n``, ...), so ids stay unique.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     species, counts, ids = [], [], []
+    seen: dict[str, int] = {}
     for formula in compositions:
         z = parse_composition(formula, max_atoms)
-        for j in range(n):
+        # ids name the output files: a repeated formula continues its counter instead of reusing (overwriting) ids
+        start = seen.get(formula, 0)
+        seen[formula] = start + n
+        for j in range(start, start + n):
             species.append(torch.tensor(z))
             counts.append(len(z))
             ids.append(f"{formula}_{j}")

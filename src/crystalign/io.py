@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -88,6 +89,9 @@ def write_structure_set(out: str | os.PathLike, batch: Any, record: dict[str, An
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = batch.ids or [f"{i:06d}" for i in range(batch.num_structures)]
+    repeated = [sid for sid, count in Counter(ids).items() if count > 1]
+    if repeated:  # ids are file names: a repeat would silently overwrite another structure's CIF
+        raise ValueError(f"duplicate structure ids {', '.join(map(str, repeated[:5]))}: each id names an output file")
     valid = batch.validity().valid.tolist()
     names = []
     structures = batch.to_structures()

@@ -13,7 +13,8 @@ Inputs and their order (pairing is by index, see :mod:`crystalign.metrics`):
 * a single CIF file, data blocks in order;
 * references only: a CDVAE-style CSV with a ``cif`` column (rows in file order) or an OMatG LMDB.
 
-Generated files that cannot be read count as invalid structures; unreadable references are an error.
+Generated files (or extxyz frames) that cannot be read count as invalid structures; unreadable references are
+an error, as is an extxyz file whose frame boundaries are lost (the message names the frame).
 """
 
 from __future__ import annotations
@@ -70,9 +71,14 @@ def evaluate(
     ),
 ) -> None:
     """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs)."""
-    from crystalign.io import write_json
+    from crystalign.io import OutputPathError, check_output_file, write_json
     from crystalign.metrics import csp_metrics
 
+    if out is not None:
+        try:  # up front: a bad --out must not surface only after all the matching
+            check_output_file(out)
+        except OutputPathError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--out'") from None
     try:
         gen, gen_names = load_structures(generated, tolerate_unreadable=True)
         ref, _ = load_structures(reference, tolerate_unreadable=False)
@@ -87,12 +93,39 @@ def evaluate(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if out is not None:
-        write_json(out, result.to_dict(details=True))
+    if k is None and result.k > 1:
+        typer.echo(
+            f"k = {result.k} inferred ({result.n} generated / {result.n_references} references): generated "
+            f"structure i*{result.k} + j is sample j of reference i; pass -k to set it",
+            err=True,
+        )
+    _warn_composition_mismatch(result)
+    # the metrics are printed before the file is written: a failing write must not lose them
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         typer.echo(result.summary())
+    if out is not None:
+        try:
+            write_json(out, result.to_dict(details=True))
+        except OSError as exc:
+            typer.secho(f"error: cannot write {out}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+
+def _warn_composition_mismatch(result) -> None:
+    """Most valid pairs with different reduced compositions usually means mismatched inputs (e.g. references
+    from another dataset or another order), not a bad model: say so instead of silently reporting ~0 %."""
+    pairs = [p for p, ok in enumerate(result.valid) if ok and result.reference_valid[p // result.k]]
+    differ = sum(not result.same_composition[p] for p in pairs)
+    if pairs and 2 * differ > len(pairs):
+        typer.secho(
+            f"warning: {differ} of {len(pairs)} valid pairs have different reduced compositions and cannot match. "
+            "Pairing is by index (sample j of reference i is generated structure i*k + j): check that the "
+            "references are the ones the structures were generated for, in the same order.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -130,7 +163,10 @@ def _natural_key(name: str):
 def _folder_listing(folder: Path) -> list[str | None]:
     index = folder / "index.json"
     if index.exists():
-        listing = json.loads(index.read_text())
+        try:
+            listing = json.loads(index.read_text(errors="replace"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{index}: not valid JSON ({exc}); expected a list of file names in pairing order") from None
         if isinstance(listing, dict):
             listing = listing.get("files")
         if not isinstance(listing, list) or not all(f is None or isinstance(f, str) for f in listing):
@@ -188,9 +224,15 @@ def _structure(lattice: np.ndarray, numbers, frac: np.ndarray) -> "Structure | N
 def _load_extxyz_tolerant(path: Path):
     from ase.io import read
 
-    frames = read(path, index=":", format="extxyz")
+    try:
+        frames = read(path, index=":", format="extxyz")
+    except Exception:  # noqa: BLE001 - ase raises many kinds; re-read frame by frame to keep the readable ones
+        frames = _extxyz_frames(path)
     structures = []
     for atoms in frames:
+        if atoms is None:
+            structures.append(None)
+            continue
         cell = np.asarray(atoms.cell.array, dtype=np.float64)
         pos = np.asarray(atoms.positions, dtype=np.float64)
         with np.errstate(all="ignore"):
@@ -200,3 +242,36 @@ def _load_extxyz_tolerant(path: Path):
                 frac = pos @ np.linalg.pinv(cell)  # collapsed cell: kept so it is counted invalid
         structures.append(_structure(cell, atoms.numbers, frac))
     return structures, [f"{path.name}[{i}]" for i in range(len(frames))]
+
+
+def _extxyz_frames(path: Path) -> list:
+    """Frames of a damaged extxyz file, ``None`` for each one that cannot be parsed (e.g. a truncated last frame).
+
+    Boundaries come from each frame's atom-count line; where no count line stands where the next frame should
+    start, the rest of the file cannot be split into frames and a ValueError names the file, frame and line.
+    """
+    import io
+
+    from ase.io import read
+
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    frames: list = []
+    pos = 0
+    while pos < len(lines):
+        if not lines[pos].strip():
+            pos += 1
+            continue
+        head = lines[pos].strip()
+        if not head.isdigit():
+            found = repr(head[:40]) if head.isprintable() else "unreadable (binary or garbled) text"
+            raise ValueError(
+                f"{path}: cannot read frame {len(frames)} (line {pos + 1}): expected its atom count, found "
+                f"{found}, so the frames from here on cannot be told apart"
+            )
+        end = pos + int(head) + 2  # count line, comment line, one line per atom
+        try:
+            frames.append(read(io.StringIO("".join(lines[pos:end])), format="extxyz"))
+        except Exception:  # noqa: BLE001 - a damaged frame counts as an invalid structure
+            frames.append(None)
+        pos = end
+    return frames

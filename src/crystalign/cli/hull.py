@@ -33,23 +33,35 @@ def build_cmd(
 
     Example: crystalign hull build data/mp_20/train.csv --backend sevenn --out hull.json
     """
+    import sys
     import warnings
 
+    from crystalign.io import OutputPathError, check_output_file
     from crystalign.rewards.hull import build_hull
     from crystalign.rewards.mlip import get_backend
-    from crystalign.rewards.references import load_structures
 
+    try:  # before any MLIP energy is computed, so a bad --out never costs the work
+        check_output_file(out)
+    except OutputPathError as err:
+        _fail(str(err))
+    structures, ids = [], []
+    for path in references:
+        got, got_ids = _read_references(path)
+        structures += got
+        ids += got_ids
     try:
-        structures, ids = load_structures(list(references))
         mlip = get_backend(backend, model=model, device=device, dtype=dtype)
-    except (ValueError, ImportError, FileNotFoundError) as err:
+    except (ValueError, ImportError, FileNotFoundError, RuntimeError) as err:
         _fail(str(err))
     if not structures:
         _fail("no reference structures could be read")
     typer.echo(f"{len(structures)} reference structures; backend {mlip!r}")
+    provenance = {"references": [str(p) for p in references], "command": " ".join(sys.argv)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hull = build_hull(structures, mlip, ids=ids, add_elements=add_elements, out=out)
+        hull = build_hull(
+            structures, mlip, ids=ids, add_elements=add_elements, out=out, progress=True, provenance=provenance
+        )
     for w in caught:
         if "hull" in str(w.message):
             typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
@@ -58,6 +70,29 @@ def build_cmd(
         f"wrote {out}: {len(hull.entries)} entries ({hull.meta['n_skipped']} references skipped, "
         f"{len(added)} elemental references added), {len(hull.elements)} elements covered"
     )
+
+
+ACCEPTED_FORMATS = "a CSV with a 'cif' column, a .cif file, a folder of .cif files, or a structure file ASE reads (.extxyz, .xyz, POSCAR, ...)"
+
+
+def _read_references(path: Path) -> tuple[list, list[str]]:
+    """One reference file or folder; a file that cannot be read is a clean error naming it and the accepted formats."""
+    from crystalign.rewards.references import load_structures
+
+    try:
+        return load_structures(path)
+    except Exception as err:  # noqa: BLE001 - ase and pymatgen raise many kinds for a file they cannot read
+        hint = ""
+        if type(err).__name__ == "UnknownFileTypeError":  # ase could not guess the format from the name or content
+            reason, hint = "unknown file type", f". Accepted: {ACCEPTED_FORMATS}"
+        elif isinstance(err, (ValueError, OSError)):
+            reason = str(err)
+        else:
+            reason = f"{type(err).__name__}: {err}"
+        if str(path) not in reason:
+            reason = f"{path}: {reason}"
+        _fail(f"cannot read reference structures: {reason}{hint}")
+        raise AssertionError  # unreachable
 
 
 def register(app_: typer.Typer) -> None:

@@ -76,6 +76,7 @@ def read_omatg_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
         ckpt = read_checkpoint_file(path)
     except PickledObjectsError:
         ckpt = _load_skipping_objects(path)
+    _refuse_crystalign_checkpoint(ckpt, path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         info = {k: ckpt[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if isinstance(ckpt.get(k), (int, str))}
         state = ckpt["state_dict"]
@@ -84,6 +85,21 @@ def read_omatg_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     else:
         raise CheckpointError(f"{path} holds neither a Lightning checkpoint (with 'state_dict') nor a state dict")
     return dict(state), info
+
+
+def _refuse_crystalign_checkpoint(ckpt: Any, path: Path) -> None:
+    """A crystalign generator (or training) checkpoint also holds a CSPNet ``state_dict``, so it would import
+    "successfully" with the interpolants and base of --config instead of its own: a silently different model."""
+    from crystalign.generator import CHECKPOINT_FORMAT
+
+    if not isinstance(ckpt, dict):
+        return
+    nested = ckpt.get("generator")
+    if ckpt.get("format") == CHECKPOINT_FORMAT or (isinstance(nested, dict) and nested.get("format") == CHECKPOINT_FORMAT):
+        raise CheckpointError(
+            f"{path} is already a crystalign checkpoint ({CHECKPOINT_FORMAT}), not an OMatG one; use it directly, "
+            f"e.g. `crystalign sample --model {path} ...`"
+        )
 
 
 def strip_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:

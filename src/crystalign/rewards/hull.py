@@ -94,9 +94,11 @@ class ReferenceHull:
     def load(cls, path: str | Path) -> "ReferenceHull":
         path = Path(path).expanduser()
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(errors="replace"))
         except FileNotFoundError:
             raise FileNotFoundError(f"hull file not found: {path} (build one with `crystalign hull build`)") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); the hull file is damaged or truncated, rebuild it") from None
         if not isinstance(data, dict) or data.get("format") != HULL_FORMAT:
             raise ValueError(f"{path}: not a crystalign hull file (missing \"format\": \"{HULL_FORMAT}\")")
         if data.get("version") != HULL_VERSION:
@@ -104,10 +106,9 @@ class ReferenceHull:
         for key in ("backend", "entries"):
             if key not in data:
                 raise ValueError(f"{path}: hull file lacks the {key!r} key")
-        entries = [
-            HullEntry({str(k): float(v) for k, v in e["composition"].items()}, float(e["energy_ev"]), str(e.get("id", "")))
-            for e in data["entries"]
-        ]
+        if not isinstance(data["entries"], list) or not isinstance(data["backend"], dict):
+            raise ValueError(f"{path}: 'entries' must be a list and 'backend' an object")
+        entries = [_parse_entry(e, i, path) for i, e in enumerate(data["entries"])]
         return cls(entries, {str(k): str(v) for k, v in data["backend"].items()}, data.get("meta", {}))
 
     # ------------------------------------------------------------------ queries
@@ -145,6 +146,32 @@ class ReferenceHull:
         if pd is None:
             return float("nan")
         return float(pd.get_e_above_hull(PDEntry(comp, energy_ev), allow_negative=True))
+
+
+def _parse_entry(entry: Any, index: int, path: Path) -> HullEntry:
+    """One ``entries`` item of a hull file; errors name the file and the entry (index and id)."""
+    from pymatgen.core import Element
+
+    where = f"{path}: entry {index}" + (f" (id {entry['id']!r})" if isinstance(entry, dict) and "id" in entry else "")
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object with 'composition' and 'energy_ev', got {type(entry).__name__}")
+    for key in ("composition", "energy_ev"):
+        if key not in entry:
+            raise ValueError(f"{where}: lacks the {key!r} key")
+    comp = entry["composition"]
+    if not isinstance(comp, dict) or not comp:
+        raise ValueError(f"{where}: 'composition' must be a non-empty object of element -> amount, got {comp!r}")
+    try:
+        composition = {str(el): float(amt) for el, amt in comp.items()}
+        energy = float(entry["energy_ev"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: amounts and 'energy_ev' must be numbers ({err})") from None
+    unknown = [el for el in composition if not Element.is_valid_symbol(el)]
+    if unknown:
+        raise ValueError(f"{where}: unknown element(s) {', '.join(unknown)} in 'composition'")
+    if not np.isfinite(energy) or not all(np.isfinite(a) and a >= 0 for a in composition.values()) or not sum(composition.values()) > 0:
+        raise ValueError(f"{where}: non-finite energy or non-positive amounts ({composition}, {energy})")
+    return HullEntry(composition, energy, str(entry.get("id", "")))
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -187,11 +214,19 @@ def build_hull(
     out: str | Path | None = None,
     thresholds: ValidityThresholds | Mapping[str, float] | None = None,
     batch_size: int = 256,
+    progress: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> ReferenceHull:
     """MLIP energies of the reference structures (invalid ones and MLIP failures are skipped with a warning),
     plus elemental references for elements that lack one (``add_elements``). Saved to ``out`` if given.
+
+    ``progress``: a progress bar on stderr (on a terminal) over the reference energies. The hull's ``meta``
+    records the software versions (with the MLIP package's) and any ``provenance`` given (e.g. the command).
     """
+    from tqdm.auto import tqdm
+
     from crystalign.crystal import CrystalBatch
+    from crystalign.provenance import versions
 
     mlip = get_backend(backend)
     thresholds = coerce_thresholds(thresholds)
@@ -202,7 +237,7 @@ def build_hull(
     entries: list[HullEntry] = []
     skipped: list[str] = []
 
-    def evaluate(structs: Sequence["Structure"], names: Sequence[str]) -> list[HullEntry]:
+    def evaluate(structs: Sequence["Structure"], names: Sequence[str], bar=None) -> list[HullEntry]:
         got = []
         for start in range(0, len(structs), batch_size):
             chunk = list(structs[start : start + batch_size])
@@ -215,9 +250,13 @@ def build_hull(
                     continue
                 comp = chunk[k].composition
                 got.append(HullEntry({el.symbol: float(a) for el, a in comp.element_composition.items()}, float(s.total_energy[k]), name))
+            if bar is not None:
+                bar.update(len(chunk))
         return got
 
-    entries += evaluate(structures, ids)
+    # disable=None: the bar shows on a terminal only, so logs stay clean
+    with tqdm(total=len(structures), desc="MLIP energies", unit="structure", disable=None if progress else True) as bar:
+        entries += evaluate(structures, ids, bar)
     if skipped:
         warnings.warn(f"hull: skipped {len(skipped)} invalid reference(s) or MLIP failure(s): {', '.join(skipped[:10])}", stacklevel=2)
     added: list[str] = []
@@ -235,12 +274,25 @@ def build_hull(
             added.append(entries[-1].id)
     n_used = sum(not e.id.startswith("auto:") for e in entries)
     meta: dict[str, Any] = {"n_references": len(structures), "n_skipped": len(structures) - n_used}
+    meta["versions"] = {**versions(), **_package_version(mlip.name)}
+    meta.update(provenance or {})
     if added:
         meta["auto_elemental_references"] = added
     hull = ReferenceHull(entries, {**mlip.identity, "dtype": str(mlip.dtype).replace("torch.", "")}, meta)
     if out is not None:
         hull.save(out)
     return hull
+
+
+def _package_version(backend_name: str) -> dict[str, str]:
+    """The version of the MLIP's own package (energies change between releases), where it is installed."""
+    import importlib.metadata as md
+
+    dist = {"sevenn": "sevenn", "chgnet": "chgnet", "mace": "mace-torch"}.get(backend_name)
+    try:
+        return {dist: md.version(dist)} if dist else {}
+    except md.PackageNotFoundError:
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------- reward
