@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+    """A configuration value is missing, unknown, of the wrong type or out of range; the message names the key."""
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
@@ -42,7 +42,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
     try:
         return cls(**kwargs)
-    except TypeError as err:  # missing required field
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # a missing required field, or a value the class's own checks reject
         raise ConfigError(f"{where}: {err}") from None
 
 
@@ -108,6 +110,25 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def _flat(d: Any, key: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        return {k: v for name, sub in d.items() for k, v in _flat(sub, f"{key}.{name}" if key else str(name)).items()}
+    return {key: d}
+
+
+def config_changes(cls: type, saved: dict[str, Any], current: Any) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (saved value, current value) for every key where dataclass ``current`` differs from ``saved``
+    (a config stored with :func:`to_dict`, e.g. in a checkpoint); a missing key reads ``"(absent)"``."""
+    try:  # read through the current dataclasses, so that fields added since it was saved count as their defaults
+        saved = to_dict(from_dict(cls, saved))
+    except ConfigError:
+        pass
+    old, new = _flat(saved), _flat(to_dict(current))
+    absent = "(absent)"
+    keys = sorted(old.keys() | new.keys())
+    return {k: (old.get(k, absent), new.get(k, absent)) for k in keys if old.get(k, absent) != new.get(k, absent)}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crystalign.config import to_dict
+from crystalign.config import ConfigError, config_changes, to_dict
 from crystalign.data.splits import DataConfig, load_training_data
 from crystalign.provenance import versions
 from crystalign.crystal import CrystalBatch
@@ -265,18 +266,151 @@ class _Timer(L.Callback):
             trainer.should_stop = True
 
 
+class RunFolderError(ValueError):
+    """The run folder holds another run, or its checkpoint cannot be resumed; the message names the file."""
+
+
+#: Files that mark a folder as holding a training run (a fresh run there would mix with them).
+RUN_FILES = ("*.ckpt", "model.pt", "train_summary.json")
+
+#: Config keys that may differ from the checkpoint's on resume: they extend the run or change how it is executed
+#: and watched, not what is trained. Any other change would be ignored (the optimizer, scheduler and loop state come
+#: from the checkpoint, e.g. its lr) or would make the recorded config wrong; devices/num_nodes set the number of DDP
+#: processes, hence the effective batch size, so they stay fixed too.
+RESUME_MAY_CHANGE = (
+    "optim.max_epochs",
+    "optim.max_minutes",
+    "validation.",
+    "trainer.accelerator",
+    "trainer.strategy",
+    "trainer.logger",
+    "trainer.num_threads",
+    "trainer.progress_bar",
+    "trainer.check_rank_consistency",
+)
+
+_CLI_FLAGS = {"accelerator": "--accelerator", "devices": "--devices", "num_nodes": "--num-nodes"}
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, ckpt_path: Path) -> dict[str, tuple[Any, Any]]:
+    """The allowed changes from the checkpoint's config; raises :class:`ConfigError` listing any other."""
+    changes = config_changes(TrainConfig, saved, cfg)
+    refused = [k for k in changes if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUME_MAY_CHANGE)]
+    why = ""
+    if "optim.max_epochs" in changes and cfg.optim.cosine_schedule:
+        refused.append("optim.max_epochs")
+        why = " (optim.max_epochs is the cosine schedule's length, restored from the checkpoint)"
+    if refused:
+        listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in sorted(refused))
+        allowed = ", ".join(a + "*" if a.endswith(".") else a for a in RESUME_MAY_CHANGE)
+        raise ConfigError(
+            f"--resume: the config differs from the one {ckpt_path} was trained with: {listed}{why}. "
+            f"Restore these values, or start a new run in another folder. May change on resume: {allowed}"
+        )
+    return changes
+
+
+def read_resume_checkpoint(last: Path) -> dict[str, Any]:
+    """``last.ckpt`` for --resume, or :class:`RunFolderError` saying what to do with an unreadable one."""
+    from crystalign.model.checkpoint import CheckpointError, read_checkpoint_file
+
+    if not last.exists():
+        raise FileNotFoundError(f"--resume: no {last} to resume from")
+    stray = sorted(p.name for p in last.parent.glob("last-v*.ckpt"))
+    if stray:  # left by an earlier crystalign that trained a new run into this folder: last.ckpt may be the old run
+        raise RunFolderError(
+            f"--resume: {last.parent} holds {', '.join(stray)} besides last.ckpt, so it is unclear which run to continue; "
+            f"rename the checkpoint to continue to last.ckpt and move the others (and their best-v*.ckpt) aside"
+        )
+    try:
+        ckpt = read_checkpoint_file(last)
+        if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt or "generator" not in ckpt:
+            raise CheckpointError(f"{last} is not a crystalign training checkpoint")
+    except CheckpointError as err:
+        best = last.with_name("best.ckpt")
+        hint = f"copy {best} over it to resume from the best epoch instead, or " if best.is_file() else ""
+        raise RunFolderError(
+            f"--resume: cannot resume from {last}: {str(err).rstrip('.')}. Remove it and {hint}start a new run with another --out"
+        ) from None
+    return ckpt
+
+
+def _hardware_here() -> str:
+    found = [f"cpu ({os.cpu_count()} cores)"]
+    if torch.cuda.is_available():
+        found.append(f"cuda/gpu ({torch.cuda.device_count()} devices)")
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return ", ".join(found)
+
+
+def check_trainer_options(tc: TrainerConfig) -> None:
+    """Fail before any work when Lightning rejects a hardware option; the error names it and what this machine has."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    rejected = (MisconfigurationException, ValueError, TypeError, ImportError)
+    # Lightning validates these when a Trainer is built: add them one at a time to learn which one it rejects
+    opts: dict[str, Any] = {}
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the probes' "GPU available" lines would repeat the real trainer's
+    try:
+        for key in ("accelerator", "devices", "num_nodes", "strategy", "precision"):
+            opts[key] = getattr(tc, key)
+            try:
+                L.Trainer(**opts, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            except rejected as err:
+                flag = f" ({_CLI_FLAGS[key]})" if key in _CLI_FLAGS else ""
+                context = f" with accelerator {tc.accelerator!r}" if key != "accelerator" else ""
+                msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(
+                    f"trainer.{key}{flag} = {opts[key]!r} cannot be used{context}: {msg} (this machine has: {_hardware_here()})"
+                ) from None
+    finally:
+        quiet.setLevel(level)
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root: str | None = None, config_path: str | None = None) -> dict[str, Any]:
-    """Train a base model; writes checkpoints (``last.ckpt``, ``best.ckpt``) and ``model.pt`` to ``out_dir``."""
+    """Train a base model; writes checkpoints (``last.ckpt``, ``best.ckpt``) and ``model.pt`` to ``out_dir``.
+
+    A fresh run needs a folder without a run in it; ``resume=True`` continues ``out_dir/last.ckpt`` with the same
+    config (except :data:`RESUME_MAY_CHANGE`). Every session logs to its own ``logs/version_N``.
+    """
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.utilities import rank_zero_only
 
-    from crystalign.io import save_torch, write_json
+    from crystalign.io import check_output_dir, save_torch, write_json
 
+    check_trainer_options(cfg.trainer)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:  # DDP ranks that rerun the command would race on the probe file
+        check_output_dir(out)
+    last = out / "last.ckpt"
+    changes: dict[str, tuple[Any, Any]] = {}
+    saved_prov: dict[str, Any] = {}
+    if resume:
+        saved_prov = read_resume_checkpoint(last)["generator"].get("provenance") or {}
+        if "config" in saved_prov:
+            changes = check_resume_config(saved_prov["config"], cfg, last)
+        else:
+            log.warning("%s records no config (an older crystalign?): config changes on resume are not checked", last)
+    else:
+        existing = sorted({p.name for pattern in RUN_FILES for p in out.glob(pattern)})
+        if existing:
+            # Lightning would write last-v1.ckpt beside the old last.ckpt, and a later --resume would load the old run
+            raise RunFolderError(
+                f"{out} already holds a training run ({', '.join(existing)}); pass --resume to continue it, "
+                "or choose another --out for a new run"
+            )
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_set, holdout, data_sha = load_training_data(cfg.data, data_root)
+    if saved_prov.get("data_sha256") and data_sha and saved_prov["data_sha256"] != data_sha:
+        raise RunFolderError(
+            f"--resume: the data file of {cfg.data.dataset!r} changed since {last} was written "
+            f"(sha256 {saved_prov['data_sha256'][:12]}... then, {data_sha[:12]}... now); resume with the same data"
+        )
     gen = build_generator(cfg, train_set)
     module = GeneratorModule(cfg, gen, holdout)
     module._provenance = {
@@ -300,7 +434,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
     if tc.logger == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        logger = CSVLogger(out, name="logs", version=0)
+        logger = CSVLogger(out, name="logs")  # a new version_N per session: a resumed run keeps the earlier metrics
     elif tc.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -310,7 +444,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
 
         logger = WandbLogger(save_dir=out)
     monitor = "val/loss" if val_loader is not None else "train/loss"
-    ckpt_cb = ModelCheckpoint(dirpath=out, filename="best", monitor=monitor, mode="min", save_last=True, save_top_k=1)
+    # no -v1 files: last.ckpt must always be the newest state, since --resume reads it
+    ckpt_cb = ModelCheckpoint(dirpath=out, filename="best", monitor=monitor, mode="min", save_last=True, save_top_k=1, enable_version_counter=False)
     callbacks: list[Any] = [ckpt_cb, _Timer(cfg.optim.max_minutes)]
     if tc.check_rank_consistency:
         callbacks.append(RankConsistencyCheck(out))
@@ -332,16 +467,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
         enable_model_summary=False,
         deterministic=False,
     )
-    ckpt_path = None
-    if resume:
-        last = out / "last.ckpt"
-        if not last.exists():
-            raise FileNotFoundError(f"--resume: no {last} to resume from")
-        ckpt_path = str(last)
     t0 = time.time()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
     wall = time.time() - t0
     result = {"wall_s": wall, "epochs": trainer.current_epoch, "global_step": trainer.global_step, "best": ckpt_cb.best_model_path}
+    result["log_dir"] = getattr(logger, "log_dir", None) if tc.logger in ("csv", "tensorboard") else None
+    if resume:
+        result["resumed_from"] = {"checkpoint": str(last), "config_changes": {k: list(v) for k, v in changes.items()}}
+    else:
+        result["resumed_from"] = None
     if trainer.is_global_zero:
         best_path = ckpt_cb.best_model_path or str(out / "last.ckpt")
         ckpt = torch.load(best_path, map_location="cpu", weights_only=True)

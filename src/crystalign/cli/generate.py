@@ -19,8 +19,8 @@ def _fail(msg: str, code: int = 2) -> None:
 
 def train_cmd(
     config: Path = typer.Argument(..., help="YAML training config (see the presets in crystalign/configs)."),
-    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder: checkpoints, logs, model.pt."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.ckpt."),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder: checkpoints, logs, model.pt (a new run needs a folder without one)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.ckpt; the config must match the run's, except e.g. --max-epochs, --max-minutes."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Devices per node (Lightning), e.g. 2 or 'auto'."),
     num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="Number of nodes for DDP."),
     accelerator: Optional[str] = typer.Option(None, "--accelerator", help="cpu, gpu or auto."),
@@ -34,6 +34,7 @@ def train_cmd(
     (a bare name selects a shipped preset config; a path selects your own YAML)
     """
     from crystalign.config import ConfigError, load_config
+    from crystalign.io import OutputPathError
     from crystalign.training import TrainConfig, train
 
     path = resolve_config(config)
@@ -57,7 +58,7 @@ def train_cmd(
         result = train(cfg, out, resume=resume, data_root=str(data_root) if data_root else None, config_path=str(path))
     except FloatingPointError as err:
         _fail(f"{err}. Last good checkpoint: {out / 'last.ckpt'}", code=3)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, OutputPathError) as err:  # ValueError: ConfigError, RunFolderError
         _fail(str(err))
     typer.echo(json.dumps(result, indent=2))
 
@@ -83,11 +84,13 @@ def sample_cmd(
     method: Optional[str] = typer.Option(None, "--method", help="euler, heun or sde."),
     anneal_pos: Optional[float] = typer.Option(None, "--anneal-pos", help="Velocity annealing s for positions: (1 + s t) b."),
     anneal_cell: Optional[float] = typer.Option(None, "--anneal-cell", help="Velocity annealing s for the lattice."),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Structures per network batch."),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     trajectory: bool = typer.Option(False, "--trajectory", help="Also write every integration step (trajectory.extxyz)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root"),
+    data_root: Optional[Path] = typer.Option(
+        None, "--data-root", help="Folder holding the named datasets (for a dataset name in --compositions-from)."
+    ),
 ) -> None:
     """Sample crystal structures for compositions.
 
@@ -96,23 +99,26 @@ def sample_cmd(
       crystalign sample --model runs/perov_5/model.pt --compositions-from holdout.csv -k 1 --out gen/
     """
     from crystalign.generator import Generator, composition_batch
+    from crystalign.io import OutputPathError, check_output_dir
     from crystalign.sampling import SamplerConfig
 
     if (composition is None) == (compositions_from is None):
         _fail("give either --composition or --compositions-from")
     if n < 1 or k < 1:
         _fail("-n and -k must be >= 1")
+    torch_device = check_device(device)
     try:
-        gen = Generator.load(model).to(device)
+        gen = Generator.load(model).to(torch_device)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     try:
         if composition:
             template = composition_batch(composition, n, max_atoms=gen.config.max_atoms)
         else:
-            from crystalign.data import read_structures
+            from crystalign.data import load_dataset
 
-            ref = read_structures(compositions_from)
+            # a dataset name works here as everywhere else (looked up in --data-root / $CRYSTALIGN_DATA_ROOT)
+            ref = load_dataset(str(compositions_from), data_root=data_root)
             ref_batch = ref.batch if hasattr(ref, "batch") else ref
             template = ref_batch.repeat_interleave(k)
             template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
@@ -120,8 +126,22 @@ def sample_cmd(
         SamplerConfig(**{**vars(gen.config.sampling), **{a: b for a, b in overrides.items() if b is not None}})
     except ValueError as err:
         _fail(str(err))
+    try:  # before sampling, so a bad --out never costs the samples
+        check_output_dir(out)
+    except OutputPathError as err:
+        _fail(str(err))
     result = run_sampling(gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides, model_name=model)
     typer.echo(f"wrote {result['n']} structures to {out} ({result['wall_s']:.1f} s)")
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device named ``device``, or a clean CLI error when it is unknown or not available here."""
+    from crystalign.rl.loop import check_device as resolve
+
+    try:
+        return resolve(device, "--device")
+    except ValueError as err:
+        _fail(str(err))
 
 
 def run_sampling(gen, template, out: Path, seed: int, batch_size: int, trajectory: bool, overrides: dict, model_name: str) -> dict:
