@@ -159,6 +159,14 @@ def test_out_of_range_config_values_name_the_key(tmp_path, data_root):
         load_config(bad, TrainConfig)
     with pytest.raises(ConfigError, match=r"generator.sampling: steps must be >= 2"):
         load_config(write_config(tmp_path / "steps.yaml", **{"generator.sampling.steps": 1}), TrainConfig)
+    for key, value, message in [
+        ("optim.max_epochs", 0, "optim: max_epochs must be >= 1, got 0"),
+        ("optim.lr", -1.0, "optim: lr must be a positive number"),
+        ("optim.ema_decay", 1.5, "optim: ema_decay must be in \\(0, 1\\)"),
+        ("validation.match_steps", 1, "validation: match_steps must be >= 2"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(write_config(tmp_path / "range.yaml", **{key: value}), TrainConfig)
     assert_clean_error(train_cli(bad, "--out", tmp_path / "run", data_root=data_root), "generator.net", "hidden_dim")
 
 

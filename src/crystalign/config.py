@@ -8,6 +8,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import types
 import typing
@@ -21,6 +23,16 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range; the message names the key."""
+
+
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """ValueError ``key must be <rule>, got <value>`` unless ``ok``; from_dict prefixes the file and section."""
+    if not ok:
+        raise ValueError(f"{key} must be {rule}, got {value!r}")
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:

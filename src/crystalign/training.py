@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crystalign.config import ConfigError, config_changes, to_dict
+from crystalign.config import ConfigError, config_changes, is_finite_number, require, to_dict
 from crystalign.data.splits import DataConfig, load_training_data
 from crystalign.provenance import versions
 from crystalign.crystal import CrystalBatch
@@ -49,6 +49,16 @@ class OptimConfig:
     cosine_schedule: bool = False
     min_lr: float = 1e-6
 
+    def __post_init__(self) -> None:
+        require(is_finite_number(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
+        require(is_finite_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(self.max_epochs >= 1, "max_epochs", ">= 1", self.max_epochs)
+        require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "> 0 or null", self.max_minutes)
+        require(is_finite_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", ">= 0 (0 = no clipping)", self.grad_clip)
+        require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "in (0, 1) or null", self.ema_decay)
+        require(is_finite_number(self.min_lr) and self.min_lr >= 0, "min_lr", ">= 0", self.min_lr)
+
 
 @dataclass
 class ValidationConfig:
@@ -56,6 +66,12 @@ class ValidationConfig:
     match_every_n_epochs: int = 0  # 0 = never during training
     match_subset: int = 64
     match_steps: int = 50
+
+    def __post_init__(self) -> None:
+        require(self.every_n_epochs >= 1, "every_n_epochs", ">= 1", self.every_n_epochs)
+        require(self.match_every_n_epochs >= 0, "match_every_n_epochs", ">= 0 (0 = never)", self.match_every_n_epochs)
+        require(self.match_subset >= 1, "match_subset", ">= 1", self.match_subset)
+        require(self.match_steps >= 2, "match_steps", ">= 2", self.match_steps)
 
 
 @dataclass
