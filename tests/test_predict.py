@@ -51,6 +51,7 @@ def test_predict_warns_outside_training_coverage(tmp_path, mp20_sample_csv):
     [
         (["Xx3O"], "unknown or unsupported element Xx"),
         ([""], "cannot parse"),
+        (["Sr0TiO3"], "zero count"),
         (["SrTiO3", "-n", "0"], "positive number"),
         (["AmO2", "--no-relax", "--rl-steps", "0"], "does not support element"),
     ],

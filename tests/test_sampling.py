@@ -119,6 +119,17 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="unknown model"):
         Generator.load(tmp_path / "missing.pt")
     assert isinstance(load_checkpoint_file(tmp_path / "future.pt"), dict)
+    # a pickle with code in it is refused with the unpickler's reason, without torch's weights_only=False advice
+    import pickle
+
+    (tmp_path / "pickled.pt").write_bytes(pickle.dumps(ValueError("boom")))
+    with pytest.raises(ValueError, match="unpickler") as err:
+        Generator.load(tmp_path / "pickled.pt")
+    assert "weights_only" not in str(err.value)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint file; it holds model.pt"):
+        Generator.load(tmp_path / "run")
 
 
 def test_parse_composition():

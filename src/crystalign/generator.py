@@ -150,12 +150,24 @@ class Generator(torch.nn.Module):
 def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``torch.load`` with ``weights_only=True`` and a clear error for corrupted files."""
     path = Path(path)
+    if path.is_dir():
+        inside = [p.name for p in (path / "model.pt", path / "best.pt", path / "last.ckpt") if p.is_file()]
+        hint = f"; it holds {', '.join(inside)}" if inside else ""
+        raise FileNotFoundError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a corrupt file
-        raise ValueError(f"{path}: cannot read checkpoint (corrupted or not a crystalign checkpoint): {err}") from None
+        # torch's first line says what failed; the rest advises weights_only=False, which we never do for safety
+        text = str(err).strip()
+        if "WeightsUnpickler error:" in text:  # keep the reason, drop the weights_only=False advice
+            text = "unpickler: " + " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise ValueError(
+            f"{path}: cannot read checkpoint (corrupted, truncated, or not a crystalign checkpoint; only tensors and "
+            f"plain containers are loaded, never pickled code): {first}"
+        ) from None
 
 
 def pretrained_dir() -> Path:
@@ -196,6 +208,10 @@ def parse_composition(formula: str, max_atoms: int | None = None) -> list[int]:
         raise ValueError(f"cannot parse composition {formula!r}: {err}") from None
     if comp.num_atoms == 0:
         raise ValueError(f"composition {formula!r} has no atoms")
+    # pymatgen drops elements written with a zero count (Sr0TiO3 -> TiO3); a typo must not change the query
+    dropped = sorted(set(re.findall(r"[A-Z][a-z]?", text)) - {getattr(el, "symbol", str(el)) for el in comp})
+    if dropped:
+        raise ValueError(f"composition {formula!r}: element(s) {', '.join(dropped)} have a zero count; give positive counts")
     species: list[int] = []
     for el, amt in comp.items():
         if not hasattr(el, "Z") or getattr(el, "is_dummy", False) or el.Z < 1 or el.Z > MAX_ATOMIC_NUMBER:
