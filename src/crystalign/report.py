@@ -76,11 +76,12 @@ _HISTORY_PANELS: tuple[tuple[str, str, tuple[tuple[str, str | None, str, str], .
         ),
     ),
     (
-        "Invalid fraction",
+        "Rejected fraction (invalid geometry or rejected by the reward)",
         "fraction",
         (
-            ("invalid_fraction", None, "train", _C_MAIN),
-            ("val_invalid_fraction", None, "validation", _C_VAL),
+            ("rejected_fraction", None, "train", _C_MAIN),
+            ("val_rejected_fraction", None, "validation", _C_VAL),
+            ("invalid_fraction", None, "train, geometry only", "#999999"),
         ),
     ),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -99,16 +100,55 @@ def init_distributed(device: str) -> None:
 
 
 def build_rewards(spec, train, hold):
-    """(training reward, validation reward). A cRMSE reward without ``references`` compares against the
-    training structures during training and the held-out structures during validation (method.md §3.9)."""
+    """(training reward, validation reward) for ``rl fit`` (method.md §3.9).
+
+    * A cRMSE reward without ``references``, top-level or a composite term (at any depth), compares against the
+      training structures during training and the held-out structures during validation.
+    * A composite's validation reward is its :meth:`~crystalign.rewards.CompositeReward.monitoring` copy: zero-weight
+      terms are skipped in training and computed (logged as ``val_<term>/...``) in validation; other terms are shared.
+    """
+    from functools import cache
+
     from crystalign.rewards import make_reward
 
-    if isinstance(spec, dict) and spec.get("kind") == "crmse" and "references" not in spec:
-        train_reward = make_reward({**spec, "references": train.to_structures()})
-        val_reward = make_reward({**spec, "references": hold.to_structures()}) if hold.num_structures else train_reward
-        return train_reward, val_reward
-    reward = make_reward(spec)
-    return reward, reward
+    train_reward = make_reward(_with_references(spec, cache(lambda: train.to_structures())))
+    hold_refs = cache(lambda: hold.to_structures()) if hold is not None and hold.num_structures else None
+    return train_reward, _validation_reward(spec, train_reward, hold_refs)
+
+
+def _default_references(spec) -> bool:
+    """A cRMSE spec naming no references: it gets those of the split it is evaluated on."""
+    return isinstance(spec, Mapping) and str(spec.get("kind", "")).lower() == "crmse" and "references" not in spec
+
+
+def _composite_terms(spec):
+    is_composite = isinstance(spec, Mapping) and str(spec.get("kind", "")).lower() == "composite"
+    return spec.get("terms") if is_composite and isinstance(spec.get("terms"), list) else None
+
+
+def _with_references(spec, references):
+    """``spec`` with ``references()`` given to every cRMSE spec in it that names none."""
+    if _default_references(spec):
+        return {**spec, "references": references()}
+    terms = _composite_terms(spec)
+    return {**spec, "terms": [_with_references(t, references) for t in terms]} if terms is not None else spec
+
+
+def _validation_reward(spec, reward, hold_refs):
+    """``reward`` (built from ``spec``) for validation: default-reference cRMSE rebuilt on ``hold_refs()`` (kept when
+    there is no held-out split), composites as monitoring copies, everything else shared."""
+    from crystalign.rewards import CompositeReward, make_reward
+
+    if _default_references(spec):
+        return make_reward({**spec, "references": hold_refs()}) if hold_refs is not None else reward
+    if not isinstance(reward, CompositeReward):
+        return reward
+    specs = _composite_terms(spec) or [None] * len(reward.terms)  # None: built from reward objects, not a config
+    replace = {}
+    for (name, term, _), term_spec in zip(reward.terms, specs):
+        inner = CompositeReward.parse_term(term_spec, name)[1] if term_spec is not None else None
+        replace[name] = _validation_reward(inner, term, hold_refs)
+    return reward.monitoring(replace)
 
 
 def write_rl_report(out: Path, trainer) -> None:

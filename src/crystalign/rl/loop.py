@@ -122,6 +122,7 @@ class RLConfig:
     reward: Any = "energy"
     data: DataConfig = field(default_factory=DataConfig)
     validation: RLValidationConfig = field(default_factory=RLValidationConfig)
+    # guard on rejected_fraction: invalid by the geometric check or by the reward (see RLTrainer's log keys)
     max_invalid_fraction: float = 0.95
     duplicate_check: bool = True
     scale_model: str | None = None
@@ -292,7 +293,30 @@ def _dist() -> tuple[int, int]:
 
 
 class RLTrainer:
-    """Runs OMatG-IRL iterations with checkpoint/resume, validation and reward-hacking guards."""
+    """Runs OMatG-IRL iterations with checkpoint/resume, validation and reward-hacking guards.
+
+    ``validation_reward`` defaults to ``reward``, or for a :class:`~crystalign.rewards.CompositeReward` to its
+    monitoring copy: zero-weight terms are skipped in training and computed in validation (method.md §3.9).
+
+    Monitoring keys of a history row (validation: the same with a ``val_`` prefix, without the group statistics):
+
+    * ``reward_mean``, ``reward_std``; ``reward_std_within_group``: mean over GRPO groups of the population std.
+    * ``invalid_fraction``: fraction failing the shared geometric check (volume, PBC distance, polar sine).
+    * ``reward_invalid_fraction``: fraction the reward itself rejects, i.e. its ``valid`` info key is 0 (for a
+      composite: a weighted term's ``<term>/valid`` is 0); absent when the reward reports no ``valid``.
+    * ``rejected_fraction``: fraction invalid by the geometric check or by the reward. The guard
+      ``max_invalid_fraction`` stops the run when a training batch exceeds it.
+    * ``<key>_mean`` for every reward info key but ``valid``, NaN values skipped: 0/1 flags (keys whose values in
+      the batch are all 0 or 1, e.g. ``invalid_geometry``, ``<term>/valid``) over all structures, other quantities
+      over geometrically valid structures.
+    * ``volume_per_atom_a3``: mean generated V/N (Å³/atom) over geometrically valid structures.
+    * ``volume_per_atom_drift_vs_data``: mean over structures of V/N(generated) / V/N(dataset) − 1, where the
+      dataset structure is the template the composition was taken from; over geometrically valid generated
+      structures whose template holds a real cell (passes the check, at most 0.5 atoms/Å³), absent when none does
+      (composition-only templates). It replaces ``volume_per_atom_drift``, which divided by the first validation
+      pass's V/N, i.e. compared different compositions.
+    * ``duplicate_fraction`` (with ``duplicate_check``), ``velocity_ratio``, PPO statistics and ``time_*_s``.
+    """
 
     def __init__(
         self,
@@ -304,9 +328,11 @@ class RLTrainer:
         progress: bool = True,
         validation_reward: Callable[[CrystalBatch], Any] | None = None,
     ):
+        from crystalign.rewards.composite import CompositeReward
+
         self.policy = policy
         self.reward = reward
-        self.validation_reward = validation_reward or reward
+        self.validation_reward = validation_reward or (reward.monitoring() if isinstance(reward, CompositeReward) else reward)
         self.config = config
         self.compositions = compositions
         self.validation = validation
@@ -321,7 +347,6 @@ class RLTrainer:
         self.best_val: float = -math.inf
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.data_generator = torch.Generator().manual_seed(config.seed)  # identical on every rank
-        self.reference_volume: float | None = None
         self.reference_hash = policy.reference.model_hash()  # the base model's identity, checked on resume
 
     # ----------------------------------------------------------------- one iteration
@@ -356,13 +381,15 @@ class RLTrainer:
         adv = group_advantages(rewards, cfg.group_size).to(device=traj.final.device, dtype=traj.final.dtype)
         stats = self.update(traj, adv)
         t_update = time.time() - t0 - t_roll - t_reward
-        row = {"iteration": self.iteration + 1, **self._monitor(traj.final, rewards, result.info, cfg.group_size), **stats}
+        row = {"iteration": self.iteration + 1, **self._monitor(traj.final, rewards, result.info, cfg.group_size, template), **stats}
         row["velocity_ratio"] = float(torch.stack(traj.velocity_ratio).mean()) if traj.velocity_ratio else 0.0
         row.update(time_rollout_s=t_roll, time_reward_s=t_reward, time_update_s=t_update, time_total_s=time.time() - t0)
-        if row["invalid_fraction"] > cfg.max_invalid_fraction:
+        if row["rejected_fraction"] > cfg.max_invalid_fraction:
             raise RLDivergedError(
-                f"iteration {row['iteration']}: invalid fraction {row['invalid_fraction']:.2f} exceeds max_invalid_fraction="
-                f"{cfg.max_invalid_fraction}; the policy is producing broken structures (lower lr or raise the KL cost)"
+                f"iteration {row['iteration']}: invalid fraction {row['rejected_fraction']:.2f} (geometry "
+                f"{row['invalid_fraction']:.2f}, rejected by the reward {row.get('reward_invalid_fraction', 0.0):.2f}) "
+                f"exceeds max_invalid_fraction={cfg.max_invalid_fraction}; the policy is producing broken structures "
+                "(lower lr or raise the KL cost)"
             )
         return row
 
@@ -455,8 +482,12 @@ class RLTrainer:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad /= self.world
 
-    def _monitor(self, final: CrystalBatch, rewards: torch.Tensor, info: dict[str, torch.Tensor], group_size: int | None) -> dict[str, Any]:
-        """Reward statistics and reward-hacking guards; energies averaged over valid structures only."""
+    def _monitor(
+        self, final: CrystalBatch, rewards: torch.Tensor, info: dict[str, torch.Tensor], group_size: int | None,
+        template: CrystalBatch | None = None,
+    ) -> dict[str, Any]:
+        """Reward statistics and reward-hacking guards (keys: see the class docstring); ``template`` holds the
+        dataset structures the compositions came from."""
         final = final.to("cpu")  # monitoring only; rewards and their info may live on another device than the states
         report = final.validity()
         valid = report.valid
@@ -466,20 +497,28 @@ class RLTrainer:
             "reward_std": float(rewards.std(unbiased=False)),
             "invalid_fraction": float(1.0 - valid.double().mean()),
         }
+        rejected = ~valid
+        if "valid" in info:
+            by_reward = info["valid"].detach().cpu() == 0
+            row["reward_invalid_fraction"] = float(by_reward.double().mean())
+            rejected = rejected | by_reward
+        row["rejected_fraction"] = float(rejected.double().mean())
         if group_size:
             row["reward_std_within_group"] = float(rewards.view(-1, group_size).std(dim=1, unbiased=False).mean())
         for key, value in info.items():
-            v = value.double().cpu()
             if key == "valid":
                 continue
-            mask = valid & torch.isfinite(v)
+            v = value.detach().double().cpu()
+            finite = torch.isfinite(v)
+            is_flag = bool(((v[finite] == 0) | (v[finite] == 1)).all())
+            mask = finite if is_flag else finite & valid  # a flag counts every structure, e.g. invalid_geometry
             row[f"{key}_mean"] = float(v[mask].mean()) if bool(mask.any()) else float("nan")
-        vpa = (report.volume / final.n_atoms.to(report.volume.dtype))[valid]
-        row["volume_per_atom_a3"] = float(vpa.mean()) if vpa.numel() else float("nan")
-        if self.reference_volume is None and vpa.numel():
-            self.reference_volume = row["volume_per_atom_a3"]
-        if self.reference_volume:
-            row["volume_per_atom_drift"] = row["volume_per_atom_a3"] / self.reference_volume - 1.0
+        vpa = report.volume / final.n_atoms.to(report.volume.dtype)
+        row["volume_per_atom_a3"] = float(vpa[valid].mean()) if bool(valid.any()) else float("nan")
+        if template is not None:
+            drift = volume_drift_vs_data(vpa, valid, template.to("cpu"))
+            if drift is not None:
+                row["volume_per_atom_drift_vs_data"] = drift
         if group_size and self.config.duplicate_check:
             row["duplicate_fraction"] = duplicate_fraction(final, group_size, valid)
         return row
@@ -494,7 +533,7 @@ class RLTrainer:
         g = torch.Generator().manual_seed(10_000 + self.config.seed)  # the same x0 every validation
         traj = rollout(self.policy, template, self.config.steps, g, store=False)
         result = self.validation_reward(traj.final)
-        row = self._monitor(traj.final, result.rewards.double(), result.info, None)
+        row = self._monitor(traj.final, result.rewards.double(), result.info, None, template)
         return {f"val_{k}": v for k, v in row.items()}
 
     # ----------------------------------------------------------------- checkpoints
@@ -508,7 +547,6 @@ class RLTrainer:
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "best_val": self.best_val,
-            "reference_volume": self.reference_volume,
             "rng": self.generator.get_state(),
             "data_rng": self.data_generator.get_state(),
             "reference": self.policy.reference.checkpoint_dict(),
@@ -525,7 +563,6 @@ class RLTrainer:
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         self.best_val = float(state["best_val"])
-        self.reference_volume = state.get("reference_volume")
         self.generator.set_state(state["rng"])
         self.data_generator.set_state(state["data_rng"])
 
@@ -562,7 +599,7 @@ class RLTrainer:
                 save_torch(last, state)
                 write_json(out / "history.json", self.history)
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", invalid=f"{row['invalid_fraction']:.2f}")
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", invalid=f"{row['rejected_fraction']:.2f}")
             if on_iteration is not None:
                 on_iteration(row)
         bar.close()
@@ -678,6 +715,20 @@ def _cat_outputs(parts: list[FieldOutputs]) -> FieldOutputs:
         return parts[0]
     cat = lambda vs: None if vs[0] is None else torch.cat(vs)  # noqa: E731
     return FieldOutputs(b=cat([p.b for p in parts]), eta=cat([p.eta for p in parts]), s=cat([p.s for p in parts]))
+
+
+def volume_drift_vs_data(volume_per_atom: torch.Tensor, valid: torch.Tensor, template: CrystalBatch) -> float | None:
+    """Mean of V/N(generated) / V/N(template) − 1 over valid generated structures whose template holds a real cell;
+    None when no template does (composition-only templates carry a 1 Å^3 placeholder cell)."""
+    from crystalign.rewards.energy import MAX_NUMBER_DENSITY
+
+    ref = template.validity()
+    ref_vpa = ref.volume / template.n_atoms.to(ref.volume.dtype)
+    real = ref.valid & (ref_vpa >= 1.0 / MAX_NUMBER_DENSITY)
+    if not bool(real.any()):
+        return None
+    use = real & valid
+    return float((volume_per_atom[use] / ref_vpa[use]).mean() - 1.0) if bool(use.any()) else float("nan")
 
 
 def duplicate_fraction(final: CrystalBatch, group_size: int, valid: torch.Tensor) -> float:
