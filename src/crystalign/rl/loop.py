@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from crystalign.config import to_dict
+from crystalign.config import config_changes, is_finite_number, require, to_dict
 from crystalign.crystal import CrystalBatch
 from crystalign.data.splits import DataConfig
 from crystalign.generator import Generator
@@ -62,18 +62,9 @@ class RLValidationConfig:
     samples_per_composition: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.every >= 0, "validation.every", ">= 0 (0 = no validation)", self.every)
-        _require(self.num_compositions >= 1, "validation.num_compositions", ">= 1", self.num_compositions)
-        _require(self.samples_per_composition >= 1, "validation.samples_per_composition", ">= 1", self.samples_per_composition)
-
-
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{key} must be {rule}, got {value!r}")
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+        require(self.every >= 0, "validation.every", ">= 0 (0 = no validation)", self.every)
+        require(self.num_compositions >= 1, "validation.num_compositions", ">= 1", self.num_compositions)
+        require(self.samples_per_composition >= 1, "validation.samples_per_composition", ">= 1", self.samples_per_composition)
 
 
 def check_device(device: str, where: str = "device", available: bool = True) -> torch.device:
@@ -139,18 +130,18 @@ class RLConfig:
             raise ValueError(f"steps must be >= 2, got {self.steps}")
         if self.max_atoms_per_backward < 0:
             raise ValueError(f"max_atoms_per_backward must be >= 0, got {self.max_atoms_per_backward}")
-        _require(self.num_groups >= 1, "num_groups", ">= 1", self.num_groups)
-        _require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
-        _require(self.iterations >= 0, "iterations", ">= 0", self.iterations)
-        _require(_finite(self.lr) and self.lr > 0, "lr", "a positive finite number", self.lr)
-        _require(_finite(self.clip_eps) and self.clip_eps > 0, "clip_eps", "a positive finite number", self.clip_eps)
-        _require(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = no clipping)", self.grad_clip)
-        _require(
-            _finite(self.max_invalid_fraction) and 0 <= self.max_invalid_fraction <= 1,
+        require(self.num_groups >= 1, "num_groups", ">= 1", self.num_groups)
+        require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
+        require(self.iterations >= 0, "iterations", ">= 0", self.iterations)
+        require(is_finite_number(self.lr) and self.lr > 0, "lr", "a positive finite number", self.lr)
+        require(is_finite_number(self.clip_eps) and self.clip_eps > 0, "clip_eps", "a positive finite number", self.clip_eps)
+        require(is_finite_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = no clipping)", self.grad_clip)
+        require(
+            is_finite_number(self.max_invalid_fraction) and 0 <= self.max_invalid_fraction <= 1,
             "max_invalid_fraction", "between 0 and 1", self.max_invalid_fraction,
         )
-        _require(self.minibatch_trajectories is None or self.minibatch_trajectories >= 1, "minibatch_trajectories", ">= 1 or null", self.minibatch_trajectories)
-        _require(self.num_threads is None or self.num_threads >= 0, "num_threads", ">= 0 or null (0/null = PyTorch's default)", self.num_threads)
+        require(self.minibatch_trajectories is None or self.minibatch_trajectories >= 1, "minibatch_trajectories", ">= 1 or null", self.minibatch_trajectories)
+        require(self.num_threads is None or self.num_threads >= 0, "num_threads", ">= 0 or null (0/null = PyTorch's default)", self.num_threads)
         # the name only: whether this machine has the device is checked where the run starts, so a checkpoint
         # trained on a GPU still loads for sampling on a CPU-only machine
         check_device(self.device, "device", available=False)
@@ -636,33 +627,13 @@ def check_run_dir(out_dir: str | Path, resume: bool) -> Path:
     return out
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
 def check_resume(state: dict[str, Any], config: RLConfig, reference_hash: str, where: str = "RL checkpoint") -> None:
     """ValueError when ``config`` or the base model differs from the run saved in ``state`` (except
     :data:`RESUMABLE_KEYS`): resuming must continue the same run, not a mix of two."""
-    from crystalign.config import from_dict
-
-    saved = state.get("config") or {}
-    try:  # normalised, with defaults for keys an older crystalign did not save
-        saved = to_dict(from_dict(RLConfig, saved, where=where))
-    except ValueError:
-        pass
-    old, new = _flatten(saved), _flatten(to_dict(config))
-    missing = object()
-    changed = sorted(
-        k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing) and k not in RESUMABLE_KEYS
-    )
+    diff = config_changes(RLConfig, state.get("config") or {}, config)
+    changed = sorted(k for k in diff if k not in RESUMABLE_KEYS)
     if changed:
-        show = lambda d, k: repr(d[k]) if k in d else "(unset)"  # noqa: E731
-        detail = "; ".join(f"{k}: {show(old, k)} -> {show(new, k)}" for k in changed)
+        detail = "; ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in changed)
         raise ValueError(
             f"--resume: the config differs from the run in {where} in {', '.join(changed)} ({detail}). Only "
             f"{', '.join(RESUMABLE_KEYS)} may change when resuming; use the run's config or choose another --out"
