@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crystalign.ops import scatter_min, scatter_sum
+from crystalign.ops import scatter_max, scatter_min, scatter_sum
 
 #: Benchmark validity thresholds (CDVAE/DiffCSP/OMatG convention).
 MIN_VOLUME = 0.1  # Å^3
@@ -90,18 +90,77 @@ def min_pbc_distance(
     shortest image can lie many cells away) are LLL-reduced and searched again. Exact for every
     cell with a positive volume.
     """
+    best = _min_pbc_search(frac, lattice, n_atoms, None, chunk_pairs)
+    return best.to(frac.dtype) if frac.is_floating_point() else best
+
+
+def covalent_radius(species: torch.Tensor) -> torch.Tensor:
+    """Covalent radii (Å, float64) of atomic numbers, from ASE's table (Cordero et al. 2008; 0.2 Å where the
+    table has no value, Z > 96, which makes the contact check below lenient for those elements)."""
+    from ase.data import covalent_radii
+
+    table = torch.as_tensor(covalent_radii, dtype=torch.float64, device=species.device)
+    z = species.long()
+    if z.numel() and (int(z.min()) < 1 or int(z.max()) >= table.numel()):
+        raise ValueError(f"atomic numbers must lie in 1..{table.numel() - 1}, got {int(z.min())}..{int(z.max())}")
+    return table[z]
+
+
+def min_pbc_radius_ratio(
+    frac: torch.Tensor,
+    lattice: torch.Tensor,
+    n_atoms: torch.Tensor,
+    radii: torch.Tensor,
+    chunk_pairs: int = 1 << 18,
+) -> torch.Tensor:
+    """Per structure, the minimum over atom pairs of d_ij / (r_i + r_j) under periodic boundary conditions (B,)
+    float64, with ``radii`` (N,) positive per-atom radii (e.g. :func:`covalent_radius`).
+
+    Same search as :func:`min_pbc_distance` (all pairs including an atom and its own images, exact in any cell
+    basis: skewed cells are LLL-reduced and searched again), so ~0.5 flags two atoms fused far beyond any real
+    bond (real crystals sit at >= ~0.7) even where their distance passes the absolute 0.5 Å benchmark check.
+    Only meaningful for geometry-valid structures (finite, positive volume): check those first.
+    """
+    radii = torch.as_tensor(radii, dtype=torch.float64, device=frac.device).reshape(-1)
+    if radii.numel() != frac.shape[0]:
+        raise ValueError(f"radii has {radii.numel()} entries for {frac.shape[0]} atoms")
+    if radii.numel() and not bool((radii > 0).all() & torch.isfinite(radii).all()):
+        raise ValueError("radii must be positive and finite")
+    return _min_pbc_search(frac, lattice, n_atoms, radii, chunk_pairs)
+
+
+def _min_pbc_search(
+    frac: torch.Tensor, lattice: torch.Tensor, n_atoms: torch.Tensor, radii: torch.Tensor | None, chunk_pairs: int
+) -> torch.Tensor:
+    """(B,) float64 minimum pair distance (``radii`` None) or minimum d_ij / (r_i + r_j), exact in any basis.
+
+    The 27-image search from the minimum-image displacement is exhaustive for a structure when every image that
+    could beat the current best lies within one cell (``_image_reach``). For distances that radius is the best
+    distance itself; for ratios an image pair with ratio below ``best`` has d < best * (r_i + r_j) <= best *
+    max(r_i + r_j), so the radius is best * 2 max(r). Other structures are LLL-reduced and searched again.
+    """
     lat64 = lattice.to(torch.float64)
     frac64 = frac.to(torch.float64)
-    best = _nearest_image_search(frac64, lat64, n_atoms, _SHIFTS.to(frac.device), chunk_pairs)
-    redo = (_image_reach(lat64, best) > 1).any(-1) & (volume(lat64) > 0) & torch.isfinite(best)
+    best = _nearest_image_search(frac64, lat64, n_atoms, _SHIFTS.to(frac.device), chunk_pairs, radii)
+    if radii is None:
+        reach_radius = best
+    else:
+        atom_batch = torch.repeat_interleave(torch.arange(n_atoms.numel(), device=frac.device), n_atoms.long())
+        reach_radius = best * 2.0 * scatter_max(radii, atom_batch, n_atoms.numel(), fill=0.0)
+    redo = (_image_reach(lat64, reach_radius) > 1).any(-1) & (volume(lat64) > 0) & torch.isfinite(best)
     if redo.any():
         idx = redo.nonzero().squeeze(1)
         sub_frac, sub_lat = _lll_reduce(frac64, lat64, n_atoms, idx)
-        reach = int(_image_reach(sub_lat, best[idx]).max().clamp(1, _MAX_REACH))
+        sub_radii = None
+        if radii is not None:  # the atoms of the structures idx, in order (_lll_reduce keeps the site order)
+            sub_radii = radii[redo[atom_batch]]
+        reach = int(_image_reach(sub_lat, reach_radius[idx]).max().clamp(1, _MAX_REACH))
         axis = range(-reach, reach + 1)
         shifts = torch.tensor(list(itertools.product(axis, axis, axis)), dtype=torch.float64, device=frac.device)
-        best[idx] = torch.minimum(best[idx], _nearest_image_search(sub_frac, sub_lat, n_atoms[idx], shifts, chunk_pairs))
-    return best.to(frac.dtype) if frac.is_floating_point() else best
+        best[idx] = torch.minimum(
+            best[idx], _nearest_image_search(sub_frac, sub_lat, n_atoms[idx], shifts, chunk_pairs, sub_radii)
+        )
+    return best
 
 
 # An LLL-reduced cell needs at most a couple of neighbouring cells per axis; this caps the search
@@ -136,9 +195,15 @@ def _lll_reduce(
 
 
 def _nearest_image_search(
-    frac: torch.Tensor, lattice: torch.Tensor, n_atoms: torch.Tensor, shifts: torch.Tensor, chunk_pairs: int
+    frac: torch.Tensor,
+    lattice: torch.Tensor,
+    n_atoms: torch.Tensor,
+    shifts: torch.Tensor,
+    chunk_pairs: int,
+    radii: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per structure, the shortest distance over all pairs (self included) and the given image shifts."""
+    """Per structure, the shortest distance over all pairs (self included) and the given image shifts; with
+    per-atom ``radii``, the smallest distance / (r_i + r_j) instead."""
     b = n_atoms.numel()
     src, dst, pair_batch = all_pairs(n_atoms, include_self=True)
     best = torch.full((b,), float("inf"), dtype=torch.float64, device=frac.device)
@@ -151,6 +216,8 @@ def _nearest_image_search(
         # a self pair at zero shift is the atom itself, not an image
         self_zero = (s == d).unsqueeze(1) & (cand.abs().sum(-1) < 1e-12)
         dist = dist.masked_fill(self_zero, float("inf")).min(dim=1).values
+        if radii is not None:  # the radius sum is the same for every image of a pair
+            dist = dist / (radii[s] + radii[d])
         best = torch.minimum(best, scatter_min(dist, pb, b, fill=float("inf")))
     return best
 

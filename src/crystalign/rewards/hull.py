@@ -1,8 +1,16 @@
 """Energy above the convex hull, against a reference hull computed with the SAME MLIP.
 
-Energies from different potentials are not comparable, so the hull file records which backend and model made it,
-and the reward refuses a different one. The hull is built from reference structures (e.g. a training set) plus
-elemental references; elements the references lack can be added automatically (see :func:`elemental_candidates`).
+Energies from different potentials are not comparable, so the hull file records the backend identity that made
+it (:attr:`MLIPBackend.identity`: name, model and every option that changes the energy scale, e.g. SevenNet's
+``modal``: 7net-mf-0's PBE and R2SCAN energies differ by ~3.5 eV/atom) plus the dtype, and the reward refuses a
+backend with a different identity. Without a backend the reward rebuilds the recorded one from all recorded keys.
+
+Hull files written before ``modal`` was recorded lack the key; a missing identity key means the option was unset
+(the backend default), so such a file matches a backend without a modal (7net-0, CHGNet, MACE: unaffected) and is
+refused for a backend with one (a 7net-mf-0 hull from then cannot say which modal built it: rebuild it).
+
+The hull is built from reference structures (e.g. a training set) plus elemental references; elements the
+references lack can be added automatically (see :func:`elemental_candidates`).
 
 Example::
 
@@ -25,7 +33,14 @@ import torch
 
 from crystalign.geometry import ValidityThresholds
 from crystalign.rewards.base import RewardResult, as_tensor, coerce_thresholds
-from crystalign.rewards.energy import MAX_ENERGY_PER_ATOM, MAX_NUMBER_DENSITY, MIN_ENERGY_PER_ATOM, screened_energies
+from crystalign.rewards.energy import (
+    MAX_ENERGY_PER_ATOM,
+    MAX_NUMBER_DENSITY,
+    MIN_ENERGY_PER_ATOM,
+    MIN_RADIUS_RATIO,
+    _check_ratio,
+    screened_energies,
+)
 from crystalign.rewards.mlip import MLIPBackend, get_backend
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,6 +55,10 @@ HULL_VERSION = 1
 # diatomic molecular elements: a dimer in a box (bond lengths in Å) stands in for the molecular crystal
 _DIMER_BONDS = {"H": 0.74, "N": 1.10, "O": 1.21, "F": 1.42, "Cl": 1.99, "Br": 2.28, "I": 2.67}
 _DIMER_BOX = 10.0
+#: keys of a hull file's ``backend`` that are recorded (and passed when rebuilding the backend) but are not part of
+#: the energy-scale identity compared on load
+NON_IDENTITY_KEYS = frozenset({"dtype"})
+
 # nearest-neighbour distance = scale * 2 * covalent radius, for elements ASE has no crystal reference for
 _PROTOTYPE_SCALES = (0.9, 1.0, 1.1, 1.2)
 
@@ -112,6 +131,12 @@ class ReferenceHull:
         return cls(entries, {str(k): str(v) for k, v in data["backend"].items()}, data.get("meta", {}))
 
     # ------------------------------------------------------------------ queries
+    @property
+    def identity(self) -> dict[str, str]:
+        """The recorded backend identity compared with :attr:`MLIPBackend.identity` (``backend`` less
+        :data:`NON_IDENTITY_KEYS`); keys a file lacks mean the option was unset (see the module docstring)."""
+        return {k: v for k, v in self.backend.items() if k not in NON_IDENTITY_KEYS}
+
     @property
     def elements(self) -> frozenset[str]:
         """Elements that have an elemental reference, i.e. that the hull covers."""
@@ -216,9 +241,14 @@ def build_hull(
     batch_size: int = 256,
     progress: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    min_radius_ratio: float | None = MIN_RADIUS_RATIO,
 ) -> ReferenceHull:
     """MLIP energies of the reference structures (invalid ones and MLIP failures are skipped with a warning),
     plus elemental references for elements that lack one (``add_elements``). Saved to ``out`` if given.
+
+    References are screened like the rewards screen generated structures (validity, the contact trust check
+    with ``min_radius_ratio``, density, energy bounds). The file records ``backend.identity`` (with e.g. SevenNet's
+    ``modal``) and the dtype.
 
     ``progress``: a progress bar on stderr (on a terminal) over the reference energies. The hull's ``meta``
     records the software versions (with the MLIP package's) and any ``provenance`` given (e.g. the command).
@@ -242,7 +272,7 @@ def build_hull(
         for start in range(0, len(structs), batch_size):
             chunk = list(structs[start : start + batch_size])
             batch = CrystalBatch.from_structures(chunk)
-            s = screened_energies(batch, mlip, thresholds)
+            s = screened_energies(batch, mlip, thresholds, min_radius_ratio=_check_ratio(min_radius_ratio))
             for k, ok in enumerate(s.valid):
                 name = names[start + k]
                 if not ok:
@@ -299,18 +329,28 @@ def _package_version(backend_name: str) -> dict[str, str]:
 
 
 class EnergyAboveHullReward:
-    """R = −scale · e_hull (eV/atom) against a :class:`ReferenceHull` built with the same MLIP.
+    """R = −scale · min(e_hull, invalid_penalty) (eV/atom) against a :class:`ReferenceHull` built with the same MLIP.
+
+    The penalty is a floor on the reward: a valid structure with e_hull above ``invalid_penalty`` scores like an
+    invalid one, never below it, so breaking a structure further cannot raise its reward (the raw e_hull stays in
+    the info). Structures are screened as in :class:`~crystalign.rewards.energy.EnergyReward`, including the
+    contact trust check (``min_radius_ratio``).
 
     Args:
         hull: a hull file path or a :class:`ReferenceHull`.
-        backend: None uses the backend recorded in the hull; a different (name, model) is refused.
-        invalid_penalty: e_hull (eV/atom) for invalid structures and MLIP failures.
+        backend: None rebuilds the backend recorded in the hull from all its recorded keys (name, model, modal,
+            dtype, ...); a backend whose identity (name, model, modal, ...: :attr:`ReferenceHull.identity`)
+            differs is refused. A hull file without ``modal`` reads as built without one.
+        invalid_penalty: e_hull (eV/atom) for invalid structures and MLIP failures, and the cap on the e_hull of
+            valid ones in the reward value.
         uncovered_penalty: e_hull for structures with an element the hull has no elemental reference for
             (default: ``invalid_penalty``); a warning names each such chemical system once.
-        max_energy_above_hull: optional cap on e_hull.
+        max_energy_above_hull: optional further cap on e_hull in the reward value.
+        min_radius_ratio: the contact trust check (see ``EnergyReward``); default 0.5, None or 0 switches it off.
 
-    Info keys: ``e_above_hull_ev_per_atom`` (NaN where invalid or uncovered), ``energy_per_atom_ev``,
-    ``valid``, ``hull_covered`` (0/1).
+    Info keys: ``e_above_hull_ev_per_atom`` (raw, NaN where invalid or uncovered), ``energy_per_atom_ev``,
+    ``contact_ratio``, 0/1 flags ``valid``, ``hull_covered``, ``invalid_geometry``, ``invalid_energy``,
+    ``invalid_contact``, ``penalty_capped`` (the flags are NaN for uncovered structures, which are not screened).
     """
 
     name = "e_above_hull"
@@ -327,15 +367,34 @@ class EnergyAboveHullReward:
         min_energy_per_atom: float = MIN_ENERGY_PER_ATOM,
         max_energy_per_atom: float = MAX_ENERGY_PER_ATOM,
         max_number_density: float = MAX_NUMBER_DENSITY,
+        min_radius_ratio: float | None = MIN_RADIUS_RATIO,
     ) -> None:
         self.hull = hull if isinstance(hull, ReferenceHull) else ReferenceHull.load(hull)
-        recorded = {k: self.hull.backend[k] for k in ("name", "model") if k in self.hull.backend}
-        self.backend = get_backend(backend if backend is not None else recorded)
+        recorded = self.hull.identity
+        if backend is None:
+            if "name" not in self.hull.backend:
+                raise ValueError("the hull records no backend name: pass backend= explicitly")
+            try:  # every recorded key, dtype included, so the energies are made the way the hull's were
+                backend = get_backend(dict(self.hull.backend))
+            except (ValueError, TypeError) as err:
+                raise ValueError(
+                    f"cannot rebuild the backend recorded in the hull ({self.hull.backend}): {err}; pass backend= explicitly"
+                ) from err
+        self.backend = get_backend(backend)
         if recorded and self.backend.identity != recorded:
+            hint = ""
+            if "modal" in self.backend.identity and "modal" not in recorded:
+                hint = (
+                    " (the hull file records no 'modal': it was built without one, or before crystalign recorded it, "
+                    "so it cannot say which modal made its energies)"
+                )
             raise ValueError(
-                f"hull was built with {recorded} but the reward uses {self.backend.identity}: energies from different "
-                "potentials are not comparable; rebuild the hull with this backend"
+                f"hull was built with {recorded} but the reward uses {self.backend.identity}{hint}: energies from "
+                "different potentials or modals are not comparable; rebuild the hull with this backend"
             )
+        if not np.isfinite(invalid_penalty):
+            raise ValueError(f"invalid_penalty must be finite, got {invalid_penalty}")
+        self.min_radius_ratio = _check_ratio(min_radius_ratio)
         self.invalid_penalty = float(invalid_penalty)
         self.uncovered_penalty = self.invalid_penalty if uncovered_penalty is None else float(uncovered_penalty)
         self.max_energy_above_hull = max_energy_above_hull
@@ -364,24 +423,35 @@ class EnergyAboveHullReward:
         valid = np.zeros(b, dtype=bool)
         energy_pa = np.full(b, np.nan)
         e_hull = np.full(b, np.nan)
+        ratio = np.full(b, np.nan)
+        flags = {key: np.full(b, np.nan) for key in ("invalid_geometry", "invalid_energy", "invalid_contact")}
         idx = np.flatnonzero(covered)
         if idx.size:
             s = screened_energies(
                 batch[torch.as_tensor(idx, device=batch.device)], self.backend, self.thresholds,
-                self.min_energy_per_atom, self.max_energy_per_atom, self.max_number_density,
+                self.min_energy_per_atom, self.max_energy_per_atom, self.max_number_density, self.min_radius_ratio,
             )
-            valid[idx], energy_pa[idx] = s.valid, s.energy_per_atom
+            valid[idx], energy_pa[idx], ratio[idx] = s.valid, s.energy_per_atom, s.radius_ratio
+            flags["invalid_geometry"][idx] = ~s.geometry_ok
+            flags["invalid_energy"][idx] = s.invalid_energy
+            flags["invalid_contact"][idx] = s.invalid_contact
             for k, i in enumerate(idx):
                 if s.valid[k]:
                     e_hull[i] = self.hull.e_above_hull(comps[i], float(s.total_energy[k]))
             valid &= np.isfinite(e_hull)  # a hull failure scores like an invalid structure
-        if self.max_energy_above_hull is not None:
-            e_hull = np.minimum(e_hull, self.max_energy_above_hull)
-        penalised = np.where(~covered, self.uncovered_penalty, np.where(valid, e_hull, self.invalid_penalty))
+        # the penalty is a floor on the reward: valid e_hull counts as at most the penalty (and the optional cap)
+        cap = self.invalid_penalty if self.max_energy_above_hull is None else min(self.invalid_penalty, self.max_energy_above_hull)
+        with np.errstate(invalid="ignore"):
+            capped = np.where(covered, valid & (e_hull > self.invalid_penalty), np.nan)
+        scored = np.minimum(e_hull, cap)
+        penalised = np.where(~covered, self.uncovered_penalty, np.where(valid, scored, self.invalid_penalty))
         info = {
             "e_above_hull_ev_per_atom": as_tensor(e_hull, batch),
             "energy_per_atom_ev": as_tensor(energy_pa, batch),
+            "contact_ratio": as_tensor(ratio, batch),
             "valid": as_tensor(valid, batch),
             "hull_covered": as_tensor(covered, batch),
+            **{key: as_tensor(value, batch) for key, value in flags.items()},
+            "penalty_capped": as_tensor(capped, batch),
         }
         return RewardResult(as_tensor(-self.scale * penalised, batch), info)

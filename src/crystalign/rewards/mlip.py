@@ -56,8 +56,9 @@ def _require(module: str, backend: str, dist: str, hint: str = "") -> None:
 class MLIPBackend(ABC):
     """Total energies (eV) of periodic structures from one pretrained potential.
 
-    Attributes ``name`` (backend family), ``model`` (weights), ``device`` and ``dtype`` identify the energy
-    scale: energies from different (name, model) pairs are not comparable (hull files record them).
+    Attributes ``name`` (backend family), ``model`` (weights), ``device`` and ``dtype``. :attr:`identity` is
+    what sets the energy scale: (name, model) plus any option that changes it (SevenNet's ``modal``); energies
+    with different identities are not comparable (hull files record the identity and refuse another one).
     """
 
     name: str
@@ -91,7 +92,9 @@ class MLIPBackend(ABC):
 
     @property
     def identity(self) -> dict[str, str]:
-        """What must match for two energies to be comparable."""
+        """What must match for two energies to be comparable: name, model and every option that changes the
+        energy scale, as strings. Unset options are left out (so a record without a key means "unset"), and every
+        key is a constructor argument of the backend, so ``get_backend(identity)`` rebuilds it."""
         return {"name": self.name, "model": str(self.model)}
 
     def __repr__(self) -> str:
@@ -148,6 +151,8 @@ class SevenNetBackend(MLIPBackend):
     graph once (2-4x faster than the ASE calculator on CPU, see bench/mlip.py). ``mode="ase"`` uses ``SevenNetCalculator``
     (float32 only), kept as the reference the fast path is tested against.
     ``batch_size`` graphs go through one forward pass: 1 on CPU (batching does not help there), 32 on CUDA.
+    ``modal``: the fidelity of a multi-fidelity model (7net-mf-0: ``"PBE"`` or ``"R2SCAN"``, ~3.5 eV/atom apart),
+    required there and part of :attr:`identity` when set; single-fidelity models (7net-0) ignore it.
     """
 
     def __init__(
@@ -172,6 +177,14 @@ class SevenNetBackend(MLIPBackend):
         self._net: Any = None
         self._calc: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """name, model and, when set, ``modal`` (it selects the energy scale of multi-fidelity models)."""
+        ident = super().identity
+        if self.modal is not None:
+            ident["modal"] = str(self.modal)
+        return ident
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
@@ -200,8 +213,13 @@ class SevenNetBackend(MLIPBackend):
             net.key_grad = None
             if net.modal_map:
                 if self.modal not in net.modal_map:
-                    raise ValueError(f"SevenNet model {self.model!r} needs modal= one of {sorted(net.modal_map)}")
+                    raise ValueError(
+                        f"SevenNet model {self.model!r} needs modal= one of {sorted(net.modal_map)}, got {self.modal!r} "
+                        "(if it came from a hull file, the file predates crystalign recording the modal: rebuild it)"
+                    )
                 net.prepare_modal_deploy(self.modal)
+            elif self.modal is not None:
+                warnings.warn(f"modal={self.modal!r} is ignored: SevenNet model {self.model!r} has no modals", stacklevel=3)
             net.set_is_batch_data(self.batch_size > 1)
             if self.dtype != torch.float32:
                 # the one-hot embedding hard-codes float32; cast its output so the rest can run in float64
