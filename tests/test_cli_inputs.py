@@ -286,6 +286,15 @@ def test_hull_build_shows_progress_and_records_provenance(perov_pair, tmp_path, 
     assert meta["references"] == [str(ref)] and "command" in meta
 
 
+def test_hull_build_records_the_modal_of_a_multi_fidelity_model(perov_pair, tmp_path):
+    pytest.importorskip("sevenn", reason="the sevenn extra is not installed")
+    _, ref, _ = perov_pair
+    out = tmp_path / "hull.json"
+    res = invoke("hull", "build", ref, "--model", "7net-mf-0", "--modal", "PBE", "--no-add-elements", "--device", "cpu", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["backend"]["modal"] == "PBE"
+
+
 # ---------------------------------------------------------------------------------------------- evaluate warnings
 
 

@@ -25,6 +25,9 @@ def build_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Model name or file (default: the backend's own)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or float64 (default: the backend's own)."),
+    modal: Optional[str] = typer.Option(
+        None, "--modal", help="Fidelity of a multi-fidelity SevenNet model, e.g. PBE or R2SCAN for 7net-mf-0 (recorded in the hull)."
+    ),
     add_elements: bool = typer.Option(
         True, "--add-elements/--no-add-elements", help="Add approximate elemental references the references lack."
     ),
@@ -50,7 +53,7 @@ def build_cmd(
         structures += got
         ids += got_ids
     try:
-        mlip = get_backend(backend, model=model, device=device, dtype=dtype)
+        mlip = get_backend(backend, model=model, device=device, dtype=dtype, modal=modal)
     except (ValueError, ImportError, FileNotFoundError, RuntimeError) as err:
         _fail(str(err))
     if not structures:
