@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -144,8 +144,14 @@ def _read_extxyz(path: Path) -> CrystalBatch:
     return CrystalBatch.from_atoms(ase_read(path, index=":", format="extxyz"))
 
 
-def relax_structures(batch: CrystalBatch, calculator_factory: Callable[[], Any], steps: int, fmax: float, folder: Path, progress: bool = True) -> CrystalBatch:
+def relax_structures(
+    batch: CrystalBatch, calculator_factory: Callable[[], Any], steps: int, fmax: float, folder: Path, progress: bool = True
+) -> tuple[CrystalBatch, list[dict[str, Any]]]:
     """ASE FIRE on positions and cell (Fréchet cell filter) with the MLIP calculator, at most ``steps`` steps.
+
+    Returns the structures and, per structure, what happened: ``status`` (``converged``, ``not_converged``
+    after ``steps`` steps, ``failed``: the MLIP raised, the unrelaxed geometry is kept; ``skipped_invalid``),
+    ``steps`` and the final largest force ``fmax_ev_per_a``.
 
     One file per structure, so an interrupted relaxation resumes where it stopped. Invalid structures are
     returned unchanged (an MLIP on overlapping atoms gives meaningless forces).
@@ -168,6 +174,7 @@ def relax_structures(batch: CrystalBatch, calculator_factory: Callable[[], Any],
         if valid[i] and steps > 0:
             if calc is None:
                 calc = calculator_factory()
+            start = atoms.copy()  # FIRE moves atoms in place: a failed run must not leave a half-relaxed cell
             atoms.calc = calc
             try:
                 from ase.filters import FrechetCellFilter
@@ -178,14 +185,46 @@ def relax_structures(batch: CrystalBatch, calculator_factory: Callable[[], Any],
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    FIRE(target, logfile=None).run(fmax=fmax, steps=steps)
+                    opt = FIRE(target, logfile=None)
+                    converged = bool(opt.run(fmax=fmax, steps=steps))
+                    forces = np.asarray(target.get_forces())
+                atoms.info.update(
+                    relax_status="converged" if converged else "not_converged",
+                    relax_steps=int(opt.nsteps),
+                    relax_fmax=float(np.sqrt((forces**2).sum(-1).max())) if forces.size else 0.0,
+                )
             except Exception as err:  # noqa: BLE001 - an MLIP failure on one structure must not stop the run
-                log.warning("relaxation of candidate %d failed (%s); keeping it unrelaxed", i, err)
+                log.warning("relaxation of candidate %d failed (%s); keeping its unrelaxed geometry", i, err)
+                atoms = start
+                reason = " ".join(f"{type(err).__name__}: {err}".replace('"', "'").split())[:200]
+                atoms.info.update(relax_status="failed", relax_error=reason)
             atoms.calc = None
+        else:
+            atoms.info.update(relax_status="skipped_invalid" if not valid[i] else "not_relaxed")
         with atomic_path(path) as tmp:
             ase_write(tmp, atoms, format="extxyz")
         out.append(atoms)
-    return CrystalBatch.from_atoms(out).to(dtype=batch.dtype)
+    relaxed = CrystalBatch.from_atoms(out).to(dtype=batch.dtype)
+    return relaxed, [_relax_record(a.info) for a in out]
+
+
+def _relax_counts(records: list[dict[str, Any]] | None) -> dict[str, int]:
+    if records is None:
+        return {}
+    count = lambda status: sum(r["status"] == status for r in records)  # noqa: E731
+    return {"n_relax_converged": count("converged"), "n_relax_not_converged": count("not_converged"), "n_relax_failed": count("failed")}
+
+
+def _relax_record(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What a candidate's relaxation did, from the info its extxyz file keeps (so resumed runs report it too)."""
+    record: dict[str, Any] = {"status": str(info.get("relax_status", "unknown"))}
+    if "relax_steps" in info:
+        record["steps"] = int(info["relax_steps"])
+    if "relax_fmax" in info:
+        record["fmax_ev_per_a"] = float(info["relax_fmax"])
+    if "relax_error" in info:
+        record["error"] = str(info["relax_error"])
+    return record
 
 
 def unique_ranked(structures: list, energies: np.ndarray, valid: np.ndarray) -> list[int]:
@@ -253,12 +292,14 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         "model": opts.model,
         "model_hash": gen.model_hash(),
         "reward": f"energy per atom ({opts.backend})",
+        "mlip": dict(backend.identity),
         "seed": opts.seed,
         "n": opts.n,
         "steps": opts.steps,
         "rl_steps": opts.rl_steps,
         "relax": opts.relax,
         "coverage_warnings": warns,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("composition", "resume")},
         "versions": versions(),
         "command": " ".join(sys.argv) if sys.argv else "",
     }
@@ -295,11 +336,14 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     cand_result = reward(candidates) if opts.rl_steps > 0 else base_result
 
     # 3. relaxation with the same MLIP, of the lowest-energy valid candidates only (relaxation dominates run time)
+    relax_records: list[dict[str, Any]] | None = None
     if opts.relax:
         e = cand_result.info["energy_per_atom_ev"].numpy()
         order = [int(i) for i in np.argsort(np.where(np.isfinite(e), e, np.inf), kind="stable") if np.isfinite(e[i])]
         candidates = candidates[torch.tensor(order[: opts.relax_top], dtype=torch.long)] if order else candidates
-        candidates = relax_structures(candidates, lambda: backend.ase_calculator(), opts.relax_steps, opts.fmax, out / "relax", progress)
+        candidates, relax_records = relax_structures(
+            candidates, lambda: backend.ase_calculator(), opts.relax_steps, opts.fmax, out / "relax", progress
+        )
         stages.mark("relax")
     final = reward(candidates) if opts.relax else cand_result
     energy = final.info["energy_per_atom_ev"].numpy()
@@ -327,6 +371,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
                 "energy_above_best_mev": 1000.0 * (float(energy[i]) - best),
                 "valid": True,
                 "file": name,
+                **({"relax": relax_records[i]} if relax_records is not None else {}),
             }
         )
     if order:
@@ -341,6 +386,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             "sampled_energy_per_atom_ev_mean": _nanmean(sampled_energy),
             "n_candidates": cand_result.rewards.numel(),
             "n_relaxed": candidates.num_structures if opts.relax else 0,
+            **_relax_counts(relax_records),
             "final_energy_per_atom_ev_mean": _nanmean(energy),
             "base_invalid_fraction": float(np.isnan(base_energy).mean()),
             "wall_time_s": time.time() - t_start,

@@ -9,7 +9,8 @@ import platform
 def versions() -> dict[str, str]:
     """Python and key package versions, for checkpoints, sample records and reports."""
     out = {"python": platform.python_version()}
-    for pkg in ("crystalign", "torch", "lightning", "pymatgen", "numpy"):
+    # the MLIP packages and ASE compute every energy and relaxation: their versions are part of the result
+    for pkg in ("crystalign", "torch", "lightning", "pymatgen", "numpy", "ase", "spglib", "sevenn", "chgnet", "mace-torch"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -396,6 +396,18 @@ class _Row:
     valid: bool
     file: Any
     id: str
+    relax: Mapping[str, Any] | None = None
+
+
+def _relax_text(relax: Mapping[str, Any] | None) -> str:
+    if not relax:
+        return _DASH
+    status = str(relax.get("status", ""))
+    force = relax.get("fmax_ev_per_a")
+    detail = f", fmax {force:.3f} eV/Å" if isinstance(force, (int, float)) else ""
+    steps = f"{relax['steps']} steps" if "steps" in relax else ""
+    return {"converged": f"✓ {steps}{detail}".strip(), "not_converged": f"not converged{detail}",
+            "failed": "failed (unrelaxed)"}.get(status, status.replace("_", " ") or _DASH)
 
 
 def _rows(candidates: Sequence[Mapping[str, Any]]) -> list[_Row]:
@@ -408,6 +420,7 @@ def _rows(candidates: Sequence[Mapping[str, Any]]) -> list[_Row]:
             valid=bool(c.get("valid", False)),
             file=c.get("file"),
             id=str(c.get("id", "")),
+            relax=c.get("relax"),
         )
         for i, c in enumerate(candidates)
     ]
@@ -422,6 +435,7 @@ def _best_energy(rows: Sequence[_Row]) -> float | None:
 
 def _candidate_table(rows: Sequence[_Row], out_dir: Path) -> str:
     best = _best_energy(rows)
+    with_relax = any(r.relax for r in rows)
     body = []
     for r in rows:
         energy = f"{r.energy:.4f}" if r.energy is not None else _DASH
@@ -433,11 +447,13 @@ def _candidate_table(rows: Sequence[_Row], out_dir: Path) -> str:
         attrs = ("" if r.valid else ' class="invalid"') + (f' title="{_e(r.id)}"' if r.id else "")
         body.append(
             f'<tr{attrs}><td class="num">{_e(r.rank)}</td><td>{_e(r.formula)}</td><td>{_e(r.spacegroup)}</td>'
-            f'<td class="num">{_e(energy)}</td><td class="num">{_e(above)}</td><td>{valid}</td><td>{link}</td></tr>'
+            f'<td class="num">{_e(energy)}</td><td class="num">{_e(above)}</td><td>{valid}</td>'
+            + (f"<td>{_e(_relax_text(r.relax))}</td>" if with_relax else "")
+            + f"<td>{link}</td></tr>"
         )
     head = (
         '<th class="num">rank</th><th>formula</th><th>space group</th><th class="num">energy (eV/atom)</th>'
-        '<th class="num">above best (meV/atom)</th><th>valid</th><th>file</th>'
+        '<th class="num">above best (meV/atom)</th><th>valid</th>' + ("<th>relaxation</th>" if with_relax else "") + "<th>file</th>"
     )
     return f'<div class="scroll"><table class="cands"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 

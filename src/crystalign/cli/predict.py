@@ -61,7 +61,18 @@ def predict_cmd(
     s = result.summary
     typer.echo(f"\n{s['formula']}: {s['n_unique']} unique valid candidates of {s['n_candidates']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom)")
     for row in result.candidates[:10]:
-        typer.echo(f"  {row['rank']:>3}  {row['formula']:<12} {row['spacegroup']:<16} {row['energy_per_atom_ev']:9.4f} eV/atom  +{row['energy_above_best_mev']:6.1f} meV  {row['file']}")
+        relax = row.get("relax", {})
+        flag = "" if relax.get("status", "converged") == "converged" else f"  ({relax['status'].replace('_', ' ')})"
+        typer.echo(f"  {row['rank']:>3}  {row['formula']:<12} {row['spacegroup']:<16} {row['energy_per_atom_ev']:9.4f} eV/atom  +{row['energy_above_best_mev']:6.1f} meV  {row['file']}{flag}")
+    unsettled = [r for r in result.candidates if r.get("relax", {}).get("status") in ("not_converged", "failed")]
+    if unsettled:
+        forces = [r["relax"]["fmax_ev_per_a"] for r in unsettled if "fmax_ev_per_a" in r["relax"]]
+        worst = f" (largest remaining force {max(forces):.2f} eV/Å)" if forces else ""
+        typer.secho(
+            f"warning: {len(unsettled)} ranked candidate(s) did not finish relaxing{worst}; their energies and "
+            f"space groups are provisional: raise --relax-steps",
+            fg=typer.colors.YELLOW, err=True,
+        )
     typer.echo(f"report: {result.out_dir / 'report.html'}")
 
 
