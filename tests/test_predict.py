@@ -146,6 +146,10 @@ def test_relaxation_reports_convergence_and_a_failure_keeps_the_unrelaxed_geomet
 
     relaxed, records = relax_structures(batch, lambda: inner, 2, 1e-4, tmp_path / "short", progress=False)
     assert [r["status"] for r in records] == ["not_converged"] * 2 and all(r["steps"] == 2 for r in records)
+    # resuming (every file present) returns exactly what the fresh run returned, records included
+    resumed, resumed_records = relax_structures(batch, lambda: inner, 2, 1e-4, tmp_path / "short", progress=False)
+    assert torch.equal(resumed.frac, relaxed.frac) and torch.equal(resumed.lattice, relaxed.lattice)
+    assert resumed_records == records
     # the recorded fmax covers the atomic forces of the returned structure (the cell filter adds the stress terms)
     atoms = relaxed.to_atoms()[0]
     atoms.calc = inner

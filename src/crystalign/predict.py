@@ -203,7 +203,7 @@ def relax_structures(
             atoms.info.update(relax_status="skipped_invalid" if not valid[i] else "not_relaxed")
         with atomic_path(path) as tmp:
             ase_write(tmp, atoms, format="extxyz")
-        out.append(atoms)
+        out.append(ase_read(path, format="extxyz"))  # as a resumed run will see it, to the last digit
     relaxed = CrystalBatch.from_atoms(out).to(dtype=batch.dtype)
     return relaxed, [_relax_record(a.info) for a in out]
 
