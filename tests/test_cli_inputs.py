@@ -321,3 +321,38 @@ def test_evaluate_says_when_k_was_inferred(perov_pair, tmp_path):
     assert "k = 2 inferred" in res.stderr
     res = invoke("evaluate", gen, "-r", ref, "-k", "2", "--no-progress", "--workers", "0")
     assert res.exit_code == 0 and "inferred" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------- sample --resume
+
+
+def test_interrupted_sampling_resumes_bit_identical(tmp_path, monkeypatch):
+    from crystalign.generator import Generator
+
+    args = ["sample", "-m", "perov_5", "-c", "SrTiO3", "-c", "BaZrO3", "-n", "3", "--steps", "5", "--batch-size", "2", "--trajectory"]
+    full = tmp_path / "full"
+    assert invoke(*args, "--out", full).exit_code == 0
+
+    real = Generator.base_sample
+    calls = {"n": 0}
+
+    def interrupted_on_the_third_batch(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(Generator, "base_sample", interrupted_on_the_third_batch)
+    res = invoke(*args, "--out", part)
+    assert res.exit_code == 130 and "2 finished batch(es) kept" in res.output and "--resume" in res.output
+    assert not (part / "samples.json").exists()
+    monkeypatch.setattr(Generator, "base_sample", real)
+    # other settings cannot continue the interrupted run
+    assert_clean_error(invoke(*args[:-1], "--seed", "1", "--resume", "--out", part), "seed", "--resume")
+    assert invoke(*args[:-1], "--resume", "--out", part).exit_code != 0  # without --trajectory: other settings
+    res = invoke(*args, "--resume", "--out", part)
+    assert res.exit_code == 0, res.output
+    for name in ("structures.extxyz", "trajectory.extxyz", "index.json", "SrTiO3_0.cif", "BaZrO3_2.cif"):
+        assert (part / name).read_bytes() == (full / name).read_bytes(), name
+    assert not (part / ".sampling").exists()

@@ -91,6 +91,7 @@ def sample_cmd(
     data_root: Optional[Path] = typer.Option(
         None, "--data-root", help="Folder holding the named datasets (for a dataset name in --compositions-from)."
     ),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT from its last finished batch."),
 ) -> None:
     """Sample crystal structures for compositions.
 
@@ -130,7 +131,16 @@ def sample_cmd(
         check_output_dir(out)
     except OutputPathError as err:
         _fail(str(err))
-    result = run_sampling(gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides, model_name=model)
+    try:
+        result = run_sampling(
+            gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides,
+            model_name=model, resume=resume,
+        )
+    except ValueError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        kept = len(list((out / ".sampling").glob("batch_*.pt")))
+        _fail(f"interrupted; {kept} finished batch(es) kept in {out / '.sampling'}: rerun the same command with --resume", code=130)
     typer.echo(f"wrote {result['n']} structures to {out} ({result['wall_s']:.1f} s)")
 
 
@@ -144,23 +154,57 @@ def check_device(device: str) -> torch.device:
         _fail(str(err))
 
 
-def run_sampling(gen, template, out: Path, seed: int, batch_size: int, trajectory: bool, overrides: dict, model_name: str) -> dict:
-    """Sample in batches with a progress bar; write CIFs, one extxyz and a JSON record (all atomically)."""
+def run_sampling(
+    gen, template, out: Path, seed: int, batch_size: int, trajectory: bool, overrides: dict, model_name: str, resume: bool = False
+) -> dict:
+    """Sample in batches with a progress bar; write CIFs, one extxyz and a JSON record (all atomically).
+
+    Every finished batch is kept in ``OUT/.sampling`` with the random state after it, so an interrupted run
+    continues with ``resume`` and ends bit-identical to an uninterrupted one; the folder goes once all is written.
+    """
+    import hashlib
+    import shutil
+
     from tqdm import tqdm
 
     from crystalign.crystal import CrystalBatch
-    from crystalign.io import write_structure_set
+    from crystalign.generator import load_checkpoint_file
+    from crystalign.io import save_torch, write_json, write_structure_set
 
     t0 = time.time()
     p = next(gen.net.parameters())
     template = template.to(p.device, dtype=p.dtype)
+    sampler_cfg = {**vars(gen.config.sampling), **{k: v for k, v in overrides.items() if v is not None}}
+    layout = hashlib.sha256(repr((template.species.tolist(), template.n_atoms.tolist(), template.ids)).encode()).hexdigest()
+    run = {"model_hash": gen.model_hash(), "seed": seed, "sampler": sampler_cfg, "batch_size": batch_size,
+           "trajectory": trajectory, "dtype": str(p.dtype), "compositions_sha256": layout}
+    partial = out / ".sampling"
+    if resume and (partial / "run.json").exists():
+        saved = json.loads((partial / "run.json").read_text())
+        changed = sorted(key for key in run.keys() | saved.keys() if saved.get(key) != run.get(key))
+        if changed:
+            raise ValueError(f"--resume: {out} holds an interrupted run with other {', '.join(changed)}; rerun it as it was, or use another --out")
+    else:
+        shutil.rmtree(partial, ignore_errors=True)  # a new run: batches of an older one must not leak in
+        write_json(partial / "run.json", run)
     g = torch.Generator(device=p.device).manual_seed(seed)
     parts, frames = [], []
-    for part in tqdm(list(template.split(batch_size)), desc="sampling", unit="batch", disable=None):
-        x0 = gen.base_sample(part.species, part.n_atoms, g)
-        res = gen.sampler(**overrides).sample(x0, generator=g, trajectory=trajectory)
-        if trajectory:
-            res, traj = res
+    for i, part in enumerate(tqdm(list(template.split(batch_size)), desc="sampling", unit="batch", disable=None)):
+        done = partial / f"batch_{i:05d}.pt"
+        if done.exists():
+            kept = load_checkpoint_file(done)  # on the CPU: generator states are CPU byte tensors on every device
+            dev = lambda x: x.to(p.device)  # noqa: E731
+            res = part.replace(frac=dev(kept["frac"]), lattice=dev(kept["lattice"]))
+            frames.extend(part.replace(frac=dev(f), lattice=dev(c)) for f, c in zip(kept["frames_frac"], kept["frames_lattice"]))
+            g.set_state(kept["rng"])
+        else:
+            x0 = gen.base_sample(part.species, part.n_atoms, g)
+            res = gen.sampler(**overrides).sample(x0, generator=g, trajectory=trajectory)
+            traj = []
+            if trajectory:
+                res, traj = res
+            save_torch(done, {"frac": res.frac, "lattice": res.lattice, "rng": g.get_state(),
+                              "frames_frac": [f.frac for f in traj], "frames_lattice": [f.lattice for f in traj]})
             frames.extend(traj)
         parts.append(res.replace(ids=part.ids))
     batch = CrystalBatch.cat(parts)
@@ -168,11 +212,12 @@ def run_sampling(gen, template, out: Path, seed: int, batch_size: int, trajector
         "model": model_name,
         "model_hash": gen.model_hash(),
         "seed": seed,
-        "sampler": {**vars(gen.config.sampling), **{k: v for k, v in overrides.items() if v is not None}},
+        "sampler": sampler_cfg,
         "wall_s": time.time() - t0,
         "command": " ".join(sys.argv),
     }
     write_structure_set(out, batch, record, trajectory=frames or None)
+    shutil.rmtree(partial, ignore_errors=True)
     return {**record, "n": batch.num_structures}
 
 
