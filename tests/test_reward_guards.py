@@ -284,3 +284,33 @@ def test_screened_energies_trust_check_can_be_switched_off(sevenn):
     assert not screened_energies(batch, sevenn).valid[0]
     off = screened_energies(batch, sevenn, min_radius_ratio=None)
     assert off.valid[0] and off.contact_ok[0] and off.radius_ratio[0] < 0.3
+
+
+def test_interrupted_hull_build_resumes_with_the_same_entries(tmp_path, monkeypatch, perov_val_csv):
+    import crystalign.rewards.hull as hull_module
+    from crystalign.data import read_structures
+    from crystalign.rewards.hull import build_hull
+
+    refs = read_structures(perov_val_csv).batch[:3].to_structures()
+    full = build_hull(refs, "sevenn", add_elements=False, out=tmp_path / "full.json", batch_size=1)
+    real, calls = hull_module.screened_energies, {"n": 0}
+
+    def interrupted_on_the_third_batch(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    out = tmp_path / "part.json"
+    monkeypatch.setattr(hull_module, "screened_energies", interrupted_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        build_hull(refs, "sevenn", add_elements=False, out=out, batch_size=1)
+    partial = tmp_path / ".part.json.partial.json"
+    assert partial.exists() and not out.exists()
+    with pytest.raises(ValueError, match="other references"):
+        build_hull(refs[:2], "sevenn", add_elements=False, out=out, batch_size=1, resume=True)
+    calls["n"] = -10  # no more interruptions; count the MLIP batches the resumed build still needs
+    resumed = build_hull(refs, "sevenn", add_elements=False, out=out, batch_size=1, resume=True)
+    assert calls["n"] == -9  # only the unfinished third batch was computed
+    assert [(e.id, e.composition, e.energy_ev) for e in resumed.entries] == [(e.id, e.composition, e.energy_ev) for e in full.entries]
+    assert not partial.exists()

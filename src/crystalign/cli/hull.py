@@ -25,6 +25,7 @@ def build_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Model name or file (default: the backend's own)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or float64 (default: the backend's own)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted build from its finished batches."),
     modal: Optional[str] = typer.Option(
         None, "--modal", help="Fidelity of a multi-fidelity SevenNet model, e.g. PBE or R2SCAN for 7net-mf-0 (recorded in the hull)."
     ),
@@ -62,9 +63,15 @@ def build_cmd(
     provenance = {"references": [str(p) for p in references], "command": " ".join(sys.argv)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hull = build_hull(
-            structures, mlip, ids=ids, add_elements=add_elements, out=out, progress=True, provenance=provenance
-        )
+        try:
+            hull = build_hull(
+                structures, mlip, ids=ids, add_elements=add_elements, out=out, progress=True, provenance=provenance,
+                resume=resume,
+            )
+        except ValueError as err:
+            _fail(str(err))
+        except KeyboardInterrupt:
+            _fail("interrupted; the finished batches of energies are kept: rerun the same command with --resume", code=130)
     for w in caught:
         if "hull" in str(w.message):
             typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)

@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import warnings
 from collections import OrderedDict
@@ -242,6 +244,7 @@ def build_hull(
     progress: bool = False,
     provenance: Mapping[str, Any] | None = None,
     min_radius_ratio: float | None = MIN_RADIUS_RATIO,
+    resume: bool = False,
 ) -> ReferenceHull:
     """MLIP energies of the reference structures (invalid ones and MLIP failures are skipped with a warning),
     plus elemental references for elements that lack one (``add_elements``). Saved to ``out`` if given.
@@ -252,7 +255,14 @@ def build_hull(
 
     ``progress``: a progress bar on stderr (on a terminal) over the reference energies. The hull's ``meta``
     records the software versions (with the MLIP package's) and any ``provenance`` given (e.g. the command).
+
+    With ``out``, every finished batch of energies is kept in ``.<out name>.partial.json`` beside it, and
+    ``resume=True`` continues an interrupted build with the same references and backend from there.
     """
+    import hashlib
+
+    from crystalign.io import write_json
+
     from tqdm.auto import tqdm
 
     from crystalign.crystal import CrystalBatch
@@ -266,10 +276,30 @@ def build_hull(
         raise ValueError(f"{len(ids)} ids for {len(structures)} structures")
     entries: list[HullEntry] = []
     skipped: list[str] = []
+    # finished reference batches, so an interrupted build over many references loses at most one batch
+    partial_path = None if out is None else Path(out).with_name(f".{Path(out).name}.partial.json")
+    run = {
+        "backend": {**mlip.identity, "dtype": str(mlip.dtype).replace("torch.", "")},
+        "references_sha256": hashlib.sha256(repr([(i, s.composition.formula, s.lattice.abc) for i, s in zip(ids, structures)]).encode()).hexdigest(),
+        "thresholds": dataclasses.asdict(thresholds), "min_radius_ratio": min_radius_ratio, "batch_size": batch_size,
+    }
+    done: dict[str, Any] = {}
+    if partial_path is not None and resume and partial_path.exists():
+        saved = json.loads(partial_path.read_text())
+        if saved.get("run") != run:
+            raise ValueError(f"--resume: {partial_path} was made with other references or backend settings; rebuild without --resume")
+        done = saved["batches"]
 
-    def evaluate(structs: Sequence["Structure"], names: Sequence[str], bar=None) -> list[HullEntry]:
+    def evaluate(structs: Sequence["Structure"], names: Sequence[str], bar=None, keep: bool = False) -> list[HullEntry]:
         got = []
         for start in range(0, len(structs), batch_size):
+            if keep and str(start) in done:  # finished before the interruption
+                got += [HullEntry(dict(e["composition"]), float(e["energy_ev"]), str(e["id"])) for e in done[str(start)]["entries"]]
+                skipped.extend(done[str(start)]["skipped"])
+                if bar is not None:
+                    bar.update(min(batch_size, len(structs) - start))
+                continue
+            n_got, n_skipped = len(got), len(skipped)
             chunk = list(structs[start : start + batch_size])
             batch = CrystalBatch.from_structures(chunk)
             s = screened_energies(batch, mlip, thresholds, min_radius_ratio=_check_ratio(min_radius_ratio))
@@ -280,13 +310,18 @@ def build_hull(
                     continue
                 comp = chunk[k].composition
                 got.append(HullEntry({el.symbol: float(a) for el, a in comp.element_composition.items()}, float(s.total_energy[k]), name))
+            if keep and partial_path is not None:
+                done[str(start)] = {"entries": [dataclasses.asdict(e) for e in got[n_got:]], "skipped": skipped[n_skipped:]}
+                write_json(partial_path, {"run": run, "batches": done})
             if bar is not None:
                 bar.update(len(chunk))
         return got
 
+    if partial_path is not None and not resume:
+        partial_path.unlink(missing_ok=True)  # a new build: batches of an older one must not leak in
     # disable=None: the bar shows on a terminal only, so logs stay clean
     with tqdm(total=len(structures), desc="MLIP energies", unit="structure", disable=None if progress else True) as bar:
-        entries += evaluate(structures, ids, bar)
+        entries += evaluate(structures, ids, bar, keep=True)
     if skipped:
         warnings.warn(f"hull: skipped {len(skipped)} invalid reference(s) or MLIP failure(s): {', '.join(skipped[:10])}", stacklevel=2)
     added: list[str] = []
@@ -311,6 +346,7 @@ def build_hull(
     hull = ReferenceHull(entries, {**mlip.identity, "dtype": str(mlip.dtype).replace("torch.", "")}, meta)
     if out is not None:
         hull.save(out)
+        partial_path.unlink(missing_ok=True)
     return hull
 
 
