@@ -118,7 +118,6 @@ def test_relaxation_reports_convergence_and_a_failure_keeps_the_unrelaxed_geomet
     import numpy as np
     from ase.calculators.calculator import Calculator, all_changes
 
-    from crystalign.crystal import CrystalBatch
     from crystalign.data import read_structures
     from crystalign.predict import relax_structures
     from crystalign.rewards.mlip import get_backend
