@@ -90,7 +90,8 @@ class Generator(torch.nn.Module):
     def sample(self, template: CrystalBatch, seed: int | None = None, generator: torch.Generator | None = None, **sampler_overrides) -> CrystalBatch:
         """New structures with the compositions (species, n_atoms) of ``template``."""
         if generator is None:
-            generator = torch.Generator(device=next(self.net.parameters()).device)
+            # on the CPU: random numbers are drawn there and moved, so a seed gives the same structures on any device
+            generator = torch.Generator()
             if seed is not None:
                 generator.manual_seed(seed)
         x0 = self.base_sample(template.species, template.n_atoms, generator)

@@ -324,8 +324,9 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             from crystalign.rl.loop import load_policy, rollout
 
             policy, _ = load_policy(out / "rl" / "last.pt")
+            policy = policy.to(opts.device)
             # the mean path of the reinforced policy: exploration noise only costs energy at sampling time
-            rl_batch = rollout(policy, template.to(dtype=torch.float32), opts.steps, torch.Generator().manual_seed(opts.seed + 1), store=False, noise=False).final
+            rl_batch = rollout(policy, template.to(opts.device, dtype=torch.float32), opts.steps, torch.Generator().manual_seed(opts.seed + 1), store=False, noise=False).final.to("cpu")
             _write_extxyz(rl_path, rl_batch)
             stages.mark("rl_samples")
         rl_candidates = _read_extxyz(rl_path)

@@ -160,7 +160,8 @@ def run_sampling(
     """Sample in batches with a progress bar; write CIFs, one extxyz and a JSON record (all atomically).
 
     Every finished batch is kept in ``OUT/.sampling`` with the random state after it, so an interrupted run
-    continues with ``resume`` and ends bit-identical to an uninterrupted one; the folder goes once all is written.
+    continues with ``resume`` and ends bit-identical to an uninterrupted one on the CPU (on a GPU, to the
+    rounding of its non-deterministic atomic adds); the folder goes once all is written.
     """
     import hashlib
     import shutil
@@ -187,7 +188,7 @@ def run_sampling(
     else:
         shutil.rmtree(partial, ignore_errors=True)  # a new run: batches of an older one must not leak in
         write_json(partial / "run.json", run)
-    g = torch.Generator(device=p.device).manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # CPU draws, moved to the device: a seed means the same on any device
     parts, frames = [], []
     for i, part in enumerate(tqdm(list(template.split(batch_size)), desc="sampling", unit="batch", disable=None)):
         done = partial / f"batch_{i:05d}.pt"

@@ -51,7 +51,7 @@ def fit_cmd(
         check_device(cfg.device, "--device" if device is not None else f"{path}: device")
     except ValueError as err:
         _fail(str(err))
-    init_distributed(cfg.device)
+    cfg = dataclasses.replace(cfg, device=init_distributed(cfg.device))
     try:  # cheap checks first (arguments in command-line order): they fail before the base model and data are loaded
         resolve_model(base_checkpoint)
         check_run_dir(out, resume)
@@ -87,8 +87,9 @@ def fit_cmd(
     typer.echo(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}, indent=2))
 
 
-def init_distributed(device: str) -> None:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): GRPO groups are then sharded."""
+def init_distributed(device: str) -> str:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): GRPO groups are then sharded.
+    Returns the device this rank runs on."""
     import os
 
     import torch.distributed as dist
@@ -97,6 +98,10 @@ def init_distributed(device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized() and device.startswith("cuda"):
+        # each rank owns the GPU torchrun gave it: an explicit cuda:N would put every rank on the same one
+        return "cuda"
+    return device
 
 
 def build_rewards(spec, train, hold):
@@ -167,7 +172,8 @@ def write_rl_report(out: Path, trainer) -> None:
 
 def schedule_of(policy, points: int = 101) -> dict:
     """Learned s(t) and σ(t) on a grid, for plots and reports."""
-    t = torch.linspace(1e-3, 0.999, points)
+    device = next(policy.parameters()).device
+    t = torch.linspace(1e-3, 0.999, points, device=device)
     out: dict = {"t": t.tolist()}
     with torch.no_grad():
         if policy.scale is not None:

@@ -104,7 +104,7 @@ class _ScaledNoise(NoiseSchedule):
         if not self.learnable:
             return self.a * self.shape(t)
         # a learnable amplitude could be driven through zero by the optimiser
-        return (self.a.to(t.dtype) * self.shape(t)).clamp_min(MIN_SIGMA)
+        return (self.a.to(t) * self.shape(t)).clamp_min(MIN_SIGMA)
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, "a": float(self.a), "learnable": self.learnable}
@@ -166,7 +166,7 @@ class MLPNoise(NoiseSchedule):
     def forward(self, t: torch.Tensor | float) -> torch.Tensor:
         t = _as_time(t)
         w = self.net[0].weight
-        raw = self.net(t.to(w.dtype).unsqueeze(-1)).squeeze(-1).to(t.dtype)
+        raw = self.net(t.to(device=w.device, dtype=w.dtype).unsqueeze(-1)).squeeze(-1).to(t)
         sigma = self.sigma0 + nn.functional.softplus(raw) - math.log(2.0)
         return sigma.clamp_min(self.min_sigma)
 
