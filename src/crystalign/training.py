@@ -153,6 +153,12 @@ class GeneratorModule(L.LightningModule):
         self._last_finite_epoch = -1
 
     # Lightning hooks ---------------------------------------------------
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:
+            # one seed on every rank would give every rank the same times, x0 and noise: the global batch would hold
+            # only batch_size distinct draws. Reseeded after DDP has broadcast rank 0's weights (and EMA copy).
+            torch.manual_seed(int(self.config.seed) + 1000 * self.global_rank + 7919 * self.global_step)
+
     def training_step(self, batch: CrystalBatch, batch_idx: int):
         losses = interpolant_losses(self.generator, batch, min_perm=self.config.min_perm_coupling)
         loss = self.generator.interpolants.total_loss(losses)
@@ -278,8 +284,11 @@ class _Timer(L.Callback):
         self.start = time.time()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.max_s is not None and time.time() - self.start > self.max_s:
-            trainer.should_stop = True
+        if self.max_s is None:
+            return
+        # rank 0's clock decides for all: ranks that stopped at different epochs would deadlock in the all-reduce
+        stop = trainer.strategy.broadcast(time.time() - self.start > self.max_s, src=0)
+        trainer.should_stop = trainer.should_stop or bool(stop)
 
 
 class RunFolderError(ValueError):
