@@ -4,6 +4,7 @@ resume, reward-hacking guard and 2-process distributed training."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,43 @@ def test_distributed_two_processes_keep_weights_identical(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["max_diff"] == 0.0
     assert result["moved"] > 0.0  # the ranks agree on weights that did change
+
+
+def _guard_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+    def rejected_on_rank_1(batch) -> RewardResult:  # rank 1's structures are all rejected by the reward
+        n = batch.num_structures
+        return RewardResult(rewards=torch.zeros(n, dtype=torch.float64), info={"valid": torch.full((n,), float(rank == 0), dtype=torch.float64)})
+
+    try:
+        cfg = config(num_groups=2, iterations=3, max_invalid_fraction=0.4)
+        comps = composition_batch(["NaCl", "KBr"], 1).to(dtype=torch.float32)
+        trainer = RLTrainer(Policy(tiny_generator(), cfg), rejected_on_rank_1, cfg, comps, progress=False)
+        try:
+            trainer.fit(Path(out) / f"rank{rank}")
+        except RLDivergedError as err:
+            Path(out, f"stopped{rank}").write_text(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_guard_stops_every_rank_together(tmp_path):
+    """Half the batch rejected, all on rank 1: both ranks must stop (a rank left alone would wait forever)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_guard_worker, args=(2, str(tmp_path / "dist_init"), str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung after the other stopped")
+    assert all((tmp_path / f"stopped{r}").exists() for r in range(2))
+    assert "invalid fraction 0.50" in (tmp_path / "stopped0").read_text()
 
 
 def test_rl_cli_fit_sample_plot(tmp_path, data_root):

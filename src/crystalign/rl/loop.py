@@ -375,6 +375,11 @@ class RLTrainer:
         row = {"iteration": self.iteration + 1, **self._monitor(traj.final, rewards, result.info, cfg.group_size, template), **stats}
         row["velocity_ratio"] = float(torch.stack(traj.velocity_ratio).mean()) if traj.velocity_ratio else 0.0
         row.update(time_rollout_s=t_roll, time_reward_s=t_reward, time_update_s=t_update, time_total_s=time.time() - t0)
+        if self.world > 1:
+            # the guard must decide the same on every rank: one that stops alone leaves the others in the all-reduce
+            frac = torch.tensor([row["rejected_fraction"]], dtype=torch.float64, device=traj.final.device)
+            dist.all_reduce(frac)
+            row["rejected_fraction"] = float(frac) / self.world  # equal shards: the mean is the whole batch's
         if row["rejected_fraction"] > cfg.max_invalid_fraction:
             raise RLDivergedError(
                 f"iteration {row['iteration']}: invalid fraction {row['rejected_fraction']:.2f} (geometry "
