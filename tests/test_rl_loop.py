@@ -264,6 +264,37 @@ def _guard_worker(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _resume_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        comps = composition_batch(["NaCl", "KBr", "LiF", "CsCl"], 1).to(dtype=torch.float32)
+
+        def weights_after(iterations: int, folder: str, resume: bool = False) -> torch.Tensor:
+            cfg = config(num_groups=4, iterations=iterations)
+            trainer = RLTrainer(Policy(tiny_generator(), cfg), rocksalt_reward, cfg, comps, progress=False)
+            trainer.fit(Path(out) / folder, resume=resume)  # one run folder shared by the ranks, as under torchrun
+            return torch.cat([p.detach().flatten() for p in trainer.policy.trainable_parameters()])
+
+        straight = weights_after(3, "straight")
+        weights_after(2, "stopped")
+        resumed = weights_after(3, "stopped", resume=True)
+        if rank == 0:
+            Path(out, "result.json").write_text(json.dumps({"max_diff": float((straight - resumed).abs().max())}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_resume_continues_every_ranks_noise(tmp_path):
+    """Rank 1 must resume its own rollout-noise stream, not rank 0's: resumed == uninterrupted, bit for bit."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_resume_worker, args=(2, str(tmp_path / "dist_init"), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    assert json.loads((tmp_path / "result.json").read_text())["max_diff"] == 0.0
+
+
 def test_distributed_guard_stops_every_rank_together(tmp_path):
     """Half the batch rejected, all on rank 1: both ranks must stop (a rank left alone would wait forever)."""
     import torch.multiprocessing as mp

@@ -533,6 +533,14 @@ class RLTrainer:
         return {f"val_{k}": v for k, v in row.items()}
 
     # ----------------------------------------------------------------- checkpoints
+    def _gather_rank_rngs(self) -> list[torch.Tensor]:
+        """Every rank's rollout-noise generator state (empty in a single process)."""
+        if self.world == 1:
+            return []
+        states: list[Any] = [None] * self.world
+        dist.all_gather_object(states, self.generator.get_state())
+        return states
+
     def state(self) -> dict[str, Any]:
         return {
             "format": "crystalign-rl",
@@ -559,7 +567,9 @@ class RLTrainer:
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         self.best_val = float(state["best_val"])
-        self.generator.set_state(state["rng"])
+        # each rank continues its own stream (rollout noise differs per rank); rank 0's where a checkpoint lacks them
+        rank_rngs = state.get("rank_rngs") or []
+        self.generator.set_state(rank_rngs[self.rank] if len(rank_rngs) == self.world else state["rng"])
         self.data_generator.set_state(state["data_rng"])
 
     def fit(self, out_dir: str | Path, resume: bool = False, on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
@@ -585,11 +595,12 @@ class RLTrainer:
             if vc.every and self.iteration % vc.every == 0:
                 row.update(self.validate())
             self.history.append(row)
+            rank_rngs = self._gather_rank_rngs()  # a collective: every rank, before rank 0 saves
             if self.rank == 0:
                 improved = "val_reward_mean" in row and row["val_reward_mean"] > self.best_val
                 if improved:
                     self.best_val = row["val_reward_mean"]
-                state = self.state()
+                state = {**self.state(), **({"rank_rngs": rank_rngs} if rank_rngs else {})}
                 if improved:
                     save_torch(out / "best.pt", state)
                 save_torch(last, state)
