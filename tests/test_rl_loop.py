@@ -225,9 +225,16 @@ def _distributed_worker(rank: int, world: int, init_file: str, out: str) -> None
         flat = torch.cat([p.detach().flatten() for p in trainer.policy.trainable_parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
+        # the logged rows describe the whole batch: every rank logs the same statistics
+        logged = [{k: v for k, v in r.items() if not k.startswith("time_")} for r in trainer.history]
+        histories: list = [None] * world
+        dist.all_gather_object(histories, logged)
         if rank == 0:
             moved = float((flat - torch.cat([p.detach().flatten() for p in Policy(tiny_generator(), cfg).trainable_parameters()])).abs().max())
-            Path(out, "result.json").write_text(json.dumps({"max_diff": float((gathered[0] - gathered[1]).abs().max()), "moved": moved}))
+            Path(out, "result.json").write_text(json.dumps({
+                "max_diff": float((gathered[0] - gathered[1]).abs().max()), "moved": moved,
+                "same_logs": histories[0] == histories[1],
+            }))
     finally:
         dist.destroy_process_group()
 
@@ -240,6 +247,7 @@ def test_distributed_two_processes_keep_weights_identical(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["max_diff"] == 0.0
     assert result["moved"] > 0.0  # the ranks agree on weights that did change
+    assert result["same_logs"]
 
 
 def _guard_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -308,6 +316,7 @@ def test_distributed_guard_stops_every_rank_together(tmp_path):
             pytest.fail("a rank hung after the other stopped")
     assert all((tmp_path / f"stopped{r}").exists() for r in range(2))
     assert "invalid fraction 0.50" in (tmp_path / "stopped0").read_text()
+    assert (tmp_path / "stopped1").read_text() == (tmp_path / "stopped0").read_text()
 
 
 def test_rl_cli_fit_sample_plot(tmp_path, data_root):

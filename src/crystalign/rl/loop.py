@@ -376,10 +376,9 @@ class RLTrainer:
         row["velocity_ratio"] = float(torch.stack(traj.velocity_ratio).mean()) if traj.velocity_ratio else 0.0
         row.update(time_rollout_s=t_roll, time_reward_s=t_reward, time_update_s=t_update, time_total_s=time.time() - t0)
         if self.world > 1:
-            # the guard must decide the same on every rank: one that stops alone leaves the others in the all-reduce
-            frac = torch.tensor([row["rejected_fraction"]], dtype=torch.float64, device=traj.final.device)
-            dist.all_reduce(frac)
-            row["rejected_fraction"] = float(frac) / self.world  # equal shards: the mean is the whole batch's
+            # log the whole batch, not rank 0's shard; and the guard below must decide the same on every rank (one
+            # that stops alone leaves the others waiting in the next all-reduce)
+            row = _merge_rank_rows(row, self.world)
         if row["rejected_fraction"] > cfg.max_invalid_fraction:
             raise RLDivergedError(
                 f"iteration {row['iteration']}: invalid fraction {row['rejected_fraction']:.2f} (geometry "
@@ -690,6 +689,24 @@ def coverage_summary(reference: Generator, compositions: CrystalBatch, limit: in
     shown = "; ".join(f"{w} ({c}x)" for w, c in problems.most_common(limit))
     more = f"; and {len(problems) - limit} other problem(s)" if len(problems) > limit else ""
     return f"{outside} of {compositions.num_structures} training compositions lie outside the base model's training coverage: {shown}{more}"
+
+
+def _merge_rank_rows(row: dict[str, Any], world: int) -> dict[str, Any]:
+    """One log row for the whole batch from every rank's row (ranks hold equal shards of the GRPO groups):
+    ``*_min``/``*_max`` take the extreme, other numbers the mean over ranks (exact for means and fractions over
+    all structures; for means over valid structures only, and for ``*_std``, the mean of the ranks' values).
+    Keys a rank lacks (e.g. no valid structure there) are merged over the ranks that have them; timings stay."""
+    rows: list[Any] = [None] * world
+    dist.all_gather_object(rows, row)
+    merged = dict(row)
+    for key, value in row.items():
+        if key.startswith("time_") or key == "iteration" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))]
+        if not values:
+            continue
+        merged[key] = min(values) if key.endswith("_min") else max(values) if key.endswith("_max") else sum(values) / len(values)
+    return merged
 
 
 def _select(ref: FieldOutputs, rows: torch.Tensor) -> FieldOutputs:
