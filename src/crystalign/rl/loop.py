@@ -615,6 +615,8 @@ class RLTrainer:
             write_json(out / "history.json", self.history)
         if self.rank == 0 and not (out / "best.pt").exists():
             save_torch(out / "best.pt", self.state())
+        if self.world > 1:
+            dist.barrier()  # rank 0's last checkpoint is on disk before any rank moves on (e.g. to resume from it)
         return self.history
 
 
