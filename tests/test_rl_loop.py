@@ -219,8 +219,9 @@ def _distributed_worker(rank: int, world: int, init_file: str, out: str) -> None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cfg = config(num_groups=4, iterations=2)
+        cfg.validation.every, cfg.validation.num_compositions = 1, 3  # 3 compositions: shards of 2 and 1
         comps = composition_batch(["NaCl", "KBr", "LiF", "CsCl"], 1).to(dtype=torch.float32)
-        trainer = RLTrainer(Policy(tiny_generator(), cfg), rocksalt_reward, cfg, comps, progress=False)
+        trainer = RLTrainer(Policy(tiny_generator(), cfg), rocksalt_reward, cfg, comps, validation=comps, progress=False)
         trainer.fit(Path(out) / f"rank{rank}")
         flat = torch.cat([p.detach().flatten() for p in trainer.policy.trainable_parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
@@ -234,6 +235,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out: str) -> None
             Path(out, "result.json").write_text(json.dumps({
                 "max_diff": float((gathered[0] - gathered[1]).abs().max()), "moved": moved,
                 "same_logs": histories[0] == histories[1],
+                "validated": sum("val_reward_mean" in r for r in logged),
             }))
     finally:
         dist.destroy_process_group()
@@ -247,7 +249,7 @@ def test_distributed_two_processes_keep_weights_identical(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["max_diff"] == 0.0
     assert result["moved"] > 0.0  # the ranks agree on weights that did change
-    assert result["same_logs"]
+    assert result["same_logs"] and result["validated"] == 3  # the untrained baseline and 2 iterations
 
 
 def _guard_worker(rank: int, world: int, init_file: str, out: str) -> None:

@@ -524,12 +524,18 @@ class RLTrainer:
         if self.validation is None or self.validation.num_structures == 0:
             return {}
         vc = self.config.validation
-        template = self.validation[: vc.num_compositions].repeat_interleave(vc.samples_per_composition)
-        g = torch.Generator().manual_seed(10_000 + self.config.seed)  # the same x0 every validation
-        traj = rollout(self.policy, template, self.config.steps, g, store=False)
-        result = self.validation_reward(traj.final)
-        row = self._monitor(traj.final, result.rewards.double(), result.info, None, template)
-        return {f"val_{k}": v for k, v in row.items()}
+        compositions = self.validation[: vc.num_compositions]
+        if self.world > 1:  # each rank validates its share of the compositions; the rows are merged below
+            compositions = compositions[torch.arange(self.rank, compositions.num_structures, self.world)]
+        template = compositions.repeat_interleave(vc.samples_per_composition)
+        row: dict[str, Any] = {}
+        if template.num_structures:
+            g = torch.Generator().manual_seed(10_000 + self.config.seed + self.rank)  # the same x0 every validation
+            traj = rollout(self.policy, template, self.config.steps, g, store=False)
+            result = self.validation_reward(traj.final)
+            row = self._monitor(traj.final, result.rewards.double(), result.info, None, template)
+        row = {f"val_{k}": v for k, v in row.items()}
+        return _merge_rank_rows(row, self.world) if self.world > 1 else row
 
     # ----------------------------------------------------------------- checkpoints
     def _gather_rank_rngs(self) -> list[torch.Tensor]:
@@ -697,15 +703,19 @@ def _merge_rank_rows(row: dict[str, Any], world: int) -> dict[str, Any]:
     """One log row for the whole batch from every rank's row (ranks hold equal shards of the GRPO groups):
     ``*_min``/``*_max`` take the extreme, other numbers the mean over ranks (exact for means and fractions over
     all structures; for means over valid structures only, and for ``*_std``, the mean of the ranks' values).
-    Keys a rank lacks (e.g. no valid structure there) are merged over the ranks that have them; timings stay."""
+    Keys a rank lacks (e.g. no valid structure there) are merged over the ranks that have them; timings stay
+    each rank's own."""
     rows: list[Any] = [None] * world
     dist.all_gather_object(rows, row)
     merged = dict(row)
-    for key, value in row.items():
+    for key in dict.fromkeys(k for r in rows for k in r):  # every rank's keys, in order
+        value = next(r[key] for r in rows if key in r)
         if key.startswith("time_") or key == "iteration" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            merged.setdefault(key, value)
             continue
         values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))]
         if not values:
+            merged[key] = float("nan")  # the same keys on every rank
             continue
         merged[key] = min(values) if key.endswith("_min") else max(values) if key.endswith("_max") else sum(values) / len(values)
     return merged
