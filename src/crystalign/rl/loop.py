@@ -471,11 +471,18 @@ class RLTrainer:
     def _allreduce_grads(self, params: list[nn.Parameter]) -> None:
         if self.world == 1:
             return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
         for p in params:
-            if p.grad is None:
+            if p.grad is None:  # every rank must send the same tensors
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= self.world
+        grads = [p.grad for p in params]
+        # one all-reduce of one flat buffer, not one per parameter tensor (tens of NCCL calls per step)
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world
+        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
 
     def _monitor(
         self, final: CrystalBatch, rewards: torch.Tensor, info: dict[str, torch.Tensor], group_size: int | None,
