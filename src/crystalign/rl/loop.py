@@ -413,7 +413,7 @@ class RLTrainer:
         tmpl = traj.template
         K = len(traj.pos)
         params = policy.trainable_parameters()
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}  # tensors until the end: one device sync per statistic, not per chunk
         count = 0
         for _ in range(cfg.ppo_epochs):
             for sel in self._minibatches(tmpl.num_structures):
@@ -456,17 +456,17 @@ class RLTrainer:
                         )
                         terms.update(t_terms)
                         for key, v in t_stats.items():
-                            sums[key] = sums.get(key, 0.0) + float(v) * c
+                            _accumulate(sums, key, v, c)
                     loss, l_stats = timestep_loss(terms, self.costs, cfg.normalize_costs)
                     (loss * (c / K)).backward()
                     for key, v in l_stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(v) * c
+                        _accumulate(sums, key, v, c)
                     count += c
                 self._allreduce_grads(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * K
+                _accumulate(sums, "grad_norm", grad_norm, K)
                 self.optimizer.step()
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        return {k: float(v) / max(count, 1) for k, v in sums.items()}
 
     def _allreduce_grads(self, params: list[nn.Parameter]) -> None:
         if self.world == 1:
@@ -704,6 +704,11 @@ def coverage_summary(reference: Generator, compositions: CrystalBatch, limit: in
     shown = "; ".join(f"{w} ({c}x)" for w, c in problems.most_common(limit))
     more = f"; and {len(problems) - limit} other problem(s)" if len(problems) > limit else ""
     return f"{outside} of {compositions.num_structures} training compositions lie outside the base model's training coverage: {shown}{more}"
+
+
+def _accumulate(sums: dict[str, Any], key: str, value: Any, weight: int) -> None:
+    value = value.detach().double() if torch.is_tensor(value) else float(value)
+    sums[key] = sums.get(key, 0.0) + value * weight
 
 
 def _merge_rank_rows(row: dict[str, Any], world: int) -> dict[str, Any]:
