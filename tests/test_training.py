@@ -27,15 +27,20 @@ TINY = {
 }
 
 
-def tiny_config(**changes) -> TrainConfig:
-    cfg = json.loads(json.dumps(TINY))
+def with_changes(config: dict, **changes) -> dict:
+    """A deep copy of ``config`` with dotted keys (``"optim.lr"``) set to new values."""
+    cfg = json.loads(json.dumps(config))
     for dotted, value in changes.items():
         node = cfg
         *path, last = dotted.split(".")
         for key in path:
             node = node[key]
         node[last] = value
-    return from_dict(TrainConfig, cfg)
+    return cfg
+
+
+def tiny_config(**changes) -> TrainConfig:
+    return from_dict(TrainConfig, with_changes(TINY, **changes))
 
 
 def test_train_checkpoint_resume(tmp_path, data_root):

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from crystalign.cli import app
 from crystalign.config import ConfigError, load_config, to_dict
 from crystalign.training import TrainConfig
+from test_training import with_changes
 
 TINY = {
     "seed": 0,
@@ -35,14 +36,7 @@ TINY = {
 
 
 def write_config(path: Path, **changes) -> Path:
-    cfg = json.loads(json.dumps(TINY))
-    for dotted, value in changes.items():
-        node = cfg
-        *keys, last = dotted.split(".")
-        for key in keys:
-            node = node[key]
-        node[last] = value
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(with_changes(TINY, **changes)))
     return path
 
 

@@ -89,27 +89,13 @@ class ScreenedEnergies:
     total_energy: np.ndarray  # eV, NaN unless ``valid``
     geometry_ok: np.ndarray  # passed the shared validity check
     energy_ok: np.ndarray  # MLIP energy finite and within bounds (False where not evaluated, e.g. close contact)
-    #: passed the contact trust check (min d_ij / (r_i + r_j) >= min_radius_ratio); False where geometry failed
-    contact_ok: np.ndarray | None = None
-    #: min d_ij / (r_cov,i + r_cov,j); NaN where not computed (geometry-invalid)
-    radius_ratio: np.ndarray | None = None
-    #: denser than max_number_density atoms/Å^3, so not evaluated
-    dense: np.ndarray | None = None
-    #: E/atom as the MLIP returned it (NaN where not evaluated), before the energy guard
-    raw_energy_per_atom: np.ndarray | None = None
-    report: ValidityReport | None = None
-    thresholds: ValidityThresholds = ValidityThresholds()
-    limits: dict[str, float | None] | None = None
-
-    def __post_init__(self) -> None:
-        b = self.geometry_ok.shape[0]
-        if self.contact_ok is None:
-            self.contact_ok = self.geometry_ok.copy()
-        if self.dense is None:
-            self.dense = np.zeros(b, dtype=bool)
-        for name in ("radius_ratio", "raw_energy_per_atom"):
-            if getattr(self, name) is None:
-                setattr(self, name, np.full(b, np.nan))
+    contact_ok: np.ndarray  # passed the contact trust check (min d_ij / (r_i + r_j) >= min_radius_ratio)
+    radius_ratio: np.ndarray  # min d_ij / (r_cov,i + r_cov,j); NaN where not computed (geometry-invalid)
+    dense: np.ndarray  # denser than max_number_density atoms/Å^3, so not evaluated
+    raw_energy_per_atom: np.ndarray  # E/atom as the MLIP returned it (NaN where not evaluated)
+    report: ValidityReport
+    thresholds: ValidityThresholds
+    limits: dict[str, float | None]
 
     @property
     def valid(self) -> np.ndarray:
@@ -129,14 +115,14 @@ class ScreenedEnergies:
     def reasons(self) -> list[str]:
         """Why each structure is invalid ("" where valid), e.g. ``"close contact: min d_ij/(r_cov,i+r_cov,j)
         0.357 < 0.5"``."""
-        geometry = self.report.reasons(self.thresholds) if self.report is not None else None
-        limits = self.limits or {}
+        geometry = self.report.reasons(self.thresholds)
+        limits = self.limits
         out = []
         for i in range(self.geometry_ok.shape[0]):
             if self.valid[i]:
                 out.append("")
             elif not self.geometry_ok[i]:
-                out.append("geometry: " + (geometry[i] if geometry is not None else "failed the shared validity check"))
+                out.append("geometry: " + geometry[i])
             elif not self.contact_ok[i]:
                 out.append(
                     f"close contact: min d_ij/(r_cov,i+r_cov,j) {self.radius_ratio[i]:.3g} < {limits.get('min_radius_ratio')}"
@@ -171,8 +157,7 @@ def screened_energies(
     check but are not evaluated (``energy_ok`` False): their neighbour lists explode and their energies are
     meaningless.
     """
-    if min_radius_ratio is not None and not (np.isfinite(min_radius_ratio) and min_radius_ratio >= 0):
-        raise ValueError(f"min_radius_ratio must be a non-negative number or None, got {min_radius_ratio}")
+    min_radius_ratio = _check_ratio(min_radius_ratio)
     report = batch.validity(thresholds)
     geometry_ok = report.valid.cpu().numpy().astype(bool)
     b = batch.num_structures

@@ -302,7 +302,7 @@ def build_hull(
             n_got, n_skipped = len(got), len(skipped)
             chunk = list(structs[start : start + batch_size])
             batch = CrystalBatch.from_structures(chunk)
-            s = screened_energies(batch, mlip, thresholds, min_radius_ratio=_check_ratio(min_radius_ratio))
+            s = screened_energies(batch, mlip, thresholds, min_radius_ratio=min_radius_ratio)
             for k, ok in enumerate(s.valid):
                 name = names[start + k]
                 if not ok:
