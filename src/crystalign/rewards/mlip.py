@@ -362,7 +362,13 @@ class MACEBackend(ASECalculatorBackend):
     """MACE (``mace-torch``): a foundation-model name for ``mace_mp`` (e.g. ``medium-mpa-0``, downloads its
     weights) or a path to a local ``.model`` file. float64 by default, as in the paper's reward.
 
+    ``mode="fast"`` (default) runs energy-only forwards (no forces, no stress, no autograd graph) on
+    ``batch_size`` graphs at a time: 32 on CUDA, 4 on CPU, where larger batches fall out of cache (bench/mlip.py).
+    ``mode="ase"`` is the ASE calculator itself, one structure at a time: the reference the fast path is tested
+    against. Both build graphs the calculator's way, so heads, cutoff and element table are the model's.
+
     mace-torch pins an e3nn that sevenn cannot use: install it in its own environment (``crystalign[mace]``).
+    A ``.model`` file is a pickled module, loaded as such by mace: use only files you trust.
     """
 
     def __init__(
@@ -370,9 +376,17 @@ class MACEBackend(ASECalculatorBackend):
         model: str | Path = "medium-mpa-0",
         device: str | torch.device | None = "auto",
         dtype: str | torch.dtype = "float64",
+        batch_size: int | None = None,
+        mode: str = "fast",
     ) -> None:
         _require("mace", "mace", "mace-torch", " in an environment without sevenn (mace-torch pins e3nn==0.4.4)")
         device_, dtype_ = resolve_device(device), resolve_dtype(dtype)
+        if mode not in ("fast", "ase"):
+            raise ValueError(f"mode must be 'fast' or 'ase', got {mode!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.mode = mode
+        self.batch_size = batch_size or (32 if device_.type == "cuda" else 4)
         model = str(model)
 
         def factory() -> Any:
@@ -391,6 +405,45 @@ class MACEBackend(ASECalculatorBackend):
                 ) from err
 
         super().__init__(factory, name="mace", model=model, device=device_, dtype=dtype_)
+
+    def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
+        calc = self.calculator
+        if self.mode == "ase" or getattr(calc, "use_compile", False):
+            return super().energies(atoms_list)  # compiled models pad each graph: keep the calculator's path
+        from mace import data as mace_data
+        from mace.tools import torch_geometric, torch_tools
+
+        # the graph construction of MACECalculator._atoms_to_batch (mace-torch 0.3.16), minus its padding
+        keyspec = mace_data.KeySpecification(
+            info_keys=calc.info_keys, arrays_keys={**calc.arrays_keys, calc.charges_key: "charges"}
+        )
+        out = np.full(len(atoms_list), np.nan)
+        graphs: list[tuple[int, Any]] = []
+        with torch_tools.default_dtype(calc.default_dtype):
+            for i, atoms in enumerate(atoms_list):
+                try:  # an element outside the model's table raises here: that structure alone gets NaN
+                    config = mace_data.config_from_atoms(atoms, key_specification=keyspec, head_name=calc.head)
+                    graphs.append((i, mace_data.AtomicData.from_config(
+                        config, z_table=calc.z_table, cutoff=calc.r_max, heads=calc.available_heads
+                    )))
+                except (ValueError, RuntimeError, IndexError, KeyError):
+                    pass
+        with torch.no_grad():
+            for start in range(0, len(graphs), self.batch_size):
+                chunk = graphs[start : start + self.batch_size]
+                batch = torch_geometric.Batch.from_data_list([g for _, g in chunk]).to(calc.device)
+                per_model = []
+                for net in calc.models:  # a committee averages its members, as the calculator does
+                    dtype = next(net.parameters()).dtype
+                    data = {
+                        k: v.to(dtype) if torch.is_tensor(v) and torch.is_floating_point(v) else v
+                        for k, v in batch.to_dict().items()
+                    }
+                    res = net(data, training=False, compute_force=False, compute_virials=False, compute_stress=False)
+                    per_model.append(res["energy"].detach().double())
+                energy = torch.stack(per_model).mean(0) * float(getattr(calc, "energy_units_to_eV", 1.0))
+                out[[i for i, _ in chunk]] = energy.cpu().numpy().reshape(-1)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- factory

@@ -146,7 +146,10 @@ class Step:
             raise ValueError(
                 f"Step: t and dt must both have shape (B,), got {tuple(self.t.shape)} and {tuple(self.dt.shape)}"
             )
-        if bool((self.dt <= 0).any()):
+        if self.dt.device.type != "cpu":
+            # checked on the device: reading the flag back would synchronise every integration step
+            torch._assert_async((self.dt > 0).all(), "Step: dt must be positive")
+        elif bool((self.dt <= 0).any()):
             raise ValueError("Step: dt must be positive")
 
     @classmethod
