@@ -61,6 +61,7 @@ def test_predict_warns_outside_training_coverage(tmp_path, mp20_sample_csv):
         (["Sr0TiO3"], "zero count"),
         (["SrTiO3", "-n", "0"], "positive number"),
         (["AmO2", "--no-relax", "--rl-steps", "0"], "does not support element"),
+        (["SrTiO3", "--mlip-model", "no-such-7net"], "no-such-7net does not exist"),
     ],
 )
 def test_predict_bad_input(tmp_path, args, message):

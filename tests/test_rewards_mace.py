@@ -8,7 +8,9 @@ import importlib.util
 import os
 
 import pytest
+from typer.testing import CliRunner
 
+from crystalign.cli import app
 from crystalign.rewards import get_backend, make_reward
 
 HAVE_MACE = importlib.util.find_spec("mace") is not None
@@ -25,6 +27,13 @@ def test_mace_missing_gives_clear_error():
         make_reward({"kind": "energy", "backend": "mace"})
     with pytest.raises(ImportError, match="'mace' energy backend needs"):
         get_backend({"name": "mace", "model": "model.model"})
+
+
+@pytest.mark.skipif(HAVE_MACE, reason="mace-torch is installed: the missing-package error cannot occur")
+def test_predict_with_mace_missing_fails_before_any_work(tmp_path):
+    res = CliRunner().invoke(app, ["predict", "SrTiO3", "--backend", "mace", "--out", str(tmp_path / "p")])
+    assert res.exit_code != 0 and "needs the 'mace-torch' package" in res.output
+    assert not (tmp_path / "p").exists()
 
 
 def _random_mace_file(path, z_table):
@@ -96,3 +105,24 @@ def test_mace_batched_energies_equal_the_calculator(tmp_path, mp20_sample_csv):
         get_backend({"name": "mace", "model": str(path), "device": "cpu", "batch_size": 0})
     with pytest.raises(ValueError, match="mode must be 'fast' or 'ase'"):
         get_backend({"name": "mace", "model": str(path), "device": "cpu", "mode": "torch-sim"})
+
+
+@needs_mace
+def test_predict_with_a_local_mace_file(tmp_path):
+    """`predict --backend mace` without a model file fails offline before any work; with one it runs, and the
+    outputs name the MACE model."""
+    import json
+
+    res = CliRunner().invoke(app, ["predict", "SrTiO3", "--backend", "mace", "--out", str(tmp_path / "none")])
+    assert res.exit_code != 0 and "local .model file" in res.output
+    assert not (tmp_path / "none").exists()
+
+    path = _random_mace_file(tmp_path / "random.model", range(1, 90))
+    out = tmp_path / "p"
+    res = CliRunner().invoke(app, [
+        "predict", "SrTiO3", "--backend", "mace", "--mlip-model", str(path), "-n", "4", "--rl-steps", "1",
+        "--steps", "6", "--relax-top", "1", "--relax-steps", "2", "--out", str(out),
+    ])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mlip"] == {"name": "mace", "model": str(path)}

@@ -46,6 +46,7 @@ class PredictOptions:
     n: int = 32
     model: str = DEFAULT_MODEL
     backend: str = "sevenn"
+    mlip_model: str | None = None
     rl_steps: int = 20
     rl_variant: str = "velocity"
     rl_group_size: int = 8
@@ -272,7 +273,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         stages = _Stages(out, opts, opts.resume)
         gen = Generator.load(opts.model).to(opts.device)
         species = parse_composition(opts.composition, max_atoms=gen.config.max_atoms)
-        backend = get_backend(opts.backend)
+        backend = get_backend(opts.backend, model=opts.mlip_model).load()
         check_supported = getattr(backend, "check_elements", None)
         if check_supported is not None:
             check_supported(species)

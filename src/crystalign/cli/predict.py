@@ -19,6 +19,9 @@ def predict_cmd(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Shipped model name (see `crystalign models`) or checkpoint path."),
     reward: str = typer.Option("energy", "--reward", help="Objective to steer toward; 'energy' = MLIP energy per atom."),
     backend: str = typer.Option("sevenn", "--backend", help="MLIP for energies, RL reward and relaxation: sevenn, chgnet or mace."),
+    mlip_model: Optional[str] = typer.Option(
+        None, "--mlip-model", help="The backend's model name or file (default: SevenNet-0, CHGNet 0.3.0, MACE medium-mpa-0)."
+    ),
     rl_steps: int = typer.Option(20, "--rl-steps", help="Iterations of inference-time RL on this composition (0 = base model only)."),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
     relax_steps: int = typer.Option(100, "--relax-steps", help="Maximum FIRE steps per structure."),
@@ -35,8 +38,10 @@ def predict_cmd(
       crystalign predict                          # SrTiO3 on the shipped perov_5 model
       crystalign predict BaZrO3 -n 64 --rl-steps 30 --out predictions/BaZrO3
       crystalign predict CaTiO3 --rl-steps 0 --no-relax
+      crystalign predict BaTiO3 --backend mace --mlip-model mace-mpa-0-medium.model   # a local MACE file
     """
     from crystalign.predict import CoverageWarning, predict
+    from crystalign.rewards.mlip import MLIPLoadError
 
     if reward != "energy":
         _fail(f"--reward {reward!r}: predict ranks by MLIP energy; use `crystalign rl fit` with a config for other rewards")
@@ -44,7 +49,7 @@ def predict_cmd(
         warnings.simplefilter("always", CoverageWarning)
         try:
             result = predict(
-                composition, n=n, model=model, backend=backend, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
+                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
                 steps=steps, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
@@ -52,7 +57,7 @@ def predict_cmd(
             where = out or "the output folder"
             typer.secho(f"interrupted: finished stages are saved in {where}; rerun with --resume to continue", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(130)
-        except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
+        except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError, MLIPLoadError) as err:
             _fail(str(err))
         finally:
             for w in caught:

@@ -44,6 +44,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[str(dtype)]
 
 
+class MLIPLoadError(RuntimeError):
+    """A potential's weights could not be loaded (a named model that must be downloaded, offline)."""
+
+
 def _require(module: str, backend: str, dist: str, hint: str = "") -> None:
     """Fail at construction, not at the first reward call, when the backend's package is missing."""
     if importlib.util.find_spec(module) is None:
@@ -69,6 +73,10 @@ class MLIPBackend(ABC):
     @abstractmethod
     def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
         """(len(atoms_list),) float64 total energies in eV; NaN where the model cannot evaluate a structure."""
+
+    def load(self) -> "MLIPBackend":
+        """Load the weights now rather than at the first evaluation, so a missing model fails before any work."""
+        return self
 
     def supported_elements(self) -> set[int] | None:
         """Atomic numbers the model can evaluate (None: unknown, assume all)."""
@@ -130,6 +138,10 @@ class ASECalculatorBackend(MLIPBackend):
 
     def ase_calculator(self) -> Any:
         return self.calculator
+
+    def load(self) -> "MLIPBackend":
+        self.calculator  # noqa: B018  (the property loads)
+        return self
 
     def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
         calc = self.calculator
@@ -234,6 +246,10 @@ class SevenNetBackend(MLIPBackend):
             self._known_z = set(int(z) for z in cp.config[KEY.TYPE_MAP])
             self._net = net.to(device=self.device, dtype=self.dtype).eval()
 
+    def load(self) -> "MLIPBackend":
+        self._load()
+        return self
+
     def supported_elements(self) -> set[int] | None:
         if self.mode == "ase":
             return None
@@ -320,6 +336,10 @@ class CHGNetBackend(MLIPBackend):
     def supported_elements(self) -> set[int] | None:
         return set(range(1, self.MAX_Z + 1))
 
+    def load(self) -> "MLIPBackend":
+        self._load()
+        return self
+
     def ase_calculator(self) -> Any:
         from chgnet.model.dynamics import CHGNetCalculator
 
@@ -399,7 +419,7 @@ class MACEBackend(ASECalculatorBackend):
             try:
                 return mace_mp(model=model, device=str(device_), default_dtype=dtype_name)
             except Exception as err:  # mace_mp downloads named models; offline that fails deep inside mace
-                raise RuntimeError(
+                raise MLIPLoadError(
                     f"MACE model {model!r} could not be loaded ({err}); without network access pass the path of a "
                     "local .model file"
                 ) from err
