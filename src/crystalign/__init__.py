@@ -5,13 +5,18 @@ Example::
     import crystalign
     result = crystalign.predict("SrTiO3", n=16, rl_steps=10)
     print(result.structures[0], result.energies[0])
+
+    steered = crystalign.steer("perov_5", lambda ss: [s.density for s in ss], ["SrTiO3"], iterations=10)
+    steered.sample("SrTiO3", n=4)
 """
 
 from crystalign.crystal import CrystalBatch
 from crystalign.generator import Generator
 
 __version__ = "0.1.0"
-__all__ = ["CrystalBatch", "Generator", "csp_metrics", "load_dataset", "make_reward", "predict", "__version__"]
+__all__ = [
+    "CrystalBatch", "Generator", "SteeredModel", "csp_metrics", "load_dataset", "make_reward", "predict", "steer", "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -28,6 +33,10 @@ def __getattr__(name: str):
         from crystalign.data import load_dataset
 
         return load_dataset
+    if name in ("steer", "SteeredModel"):
+        from crystalign import steering
+
+        return getattr(steering, name)
     if name == "make_reward":
         from crystalign.rewards import make_reward
 

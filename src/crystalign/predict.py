@@ -322,12 +322,11 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         rl_path = out / "rl_samples.extxyz"
         history = _run_rl(gen, reward, opts, out / "rl", progress)
         if not stages.done("rl_samples"):
-            from crystalign.rl.loop import load_policy, rollout
+            from crystalign.steering import SteeredModel
 
-            policy, _ = load_policy(out / "rl" / "last.pt")
-            policy = policy.to(opts.device)
+            steered = SteeredModel.load(out / "rl" / "last.pt").to(opts.device)
             # the mean path of the reinforced policy: exploration noise only costs energy at sampling time
-            rl_batch = rollout(policy, template.to(opts.device, dtype=torch.float32), opts.steps, torch.Generator().manual_seed(opts.seed + 1), store=False, noise=False).final.to("cpu")
+            rl_batch = steered.sample_batch(template, steps=opts.steps, seed=opts.seed + 1, noise=False, progress=False).to("cpu")
             _write_extxyz(rl_path, rl_batch)
             stages.mark("rl_samples")
         rl_candidates = _read_extxyz(rl_path)
@@ -419,30 +418,14 @@ def _nanmean(x: np.ndarray) -> float | None:
 
 def _run_rl(gen: Generator, reward, opts: PredictOptions, folder: Path, progress: bool) -> list[dict[str, Any]]:
     """K iterations of inference-time RL with GRPO groups drawn from this one composition (resumable)."""
-    from crystalign.rl.loop import Policy, RLConfig, RLTrainer
+    from crystalign.steering import steer
 
-    cfg = RLConfig(
-        seed=opts.seed,
-        variant=opts.rl_variant,
-        fields=["pos"],
-        steps=opts.steps,
-        noise={"pos": {"kind": "sqrt", "a": opts.rl_noise}, "cell": {"kind": "sqrt", "a": opts.rl_noise}},
-        group_size=opts.rl_group_size,
-        num_groups=opts.rl_groups,
-        ppo_epochs=1,
-        lr=opts.rl_lr,
-        costs={"pos_policy": 1.0, "pos_regularization": 1e-3},
-        iterations=opts.rl_steps,
-        reward="energy",
-        duplicate_check=False,
+    noise = {"kind": "sqrt", "a": opts.rl_noise}
+    steered = steer(
+        gen, reward, [opts.composition], iterations=opts.rl_steps, out=folder, resume=(folder / "last.pt").exists(),
+        device=opts.device, seed=opts.seed, progress=progress,
+        variant=opts.rl_variant, fields=["pos"], steps=opts.steps, noise={"pos": noise, "cell": dict(noise)},
+        group_size=opts.rl_group_size, num_groups=opts.rl_groups, ppo_epochs=1, lr=opts.rl_lr,
+        costs={"pos_policy": 1.0, "pos_regularization": 1e-3}, duplicate_check=False,
     )
-    cfg.validation.every = 0
-    policy = Policy(gen, cfg)
-    comps = composition_batch([opts.composition], 1, max_atoms=gen.config.max_atoms).to(dtype=torch.float32)
-    trainer = RLTrainer(policy, reward, cfg, comps, progress=progress)
-    resume = (folder / "last.pt").exists()
-    if resume:
-        state = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
-        if state["iteration"] >= cfg.iterations:
-            return list(state["history"])
-    return trainer.fit(folder, resume=resume)
+    return steered.history

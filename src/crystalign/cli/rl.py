@@ -205,6 +205,7 @@ def sample_cmd(
     from crystalign.generator import composition_batch
     from crystalign.io import check_output_dir, write_structure_set
     from crystalign.rl.loop import check_device, load_policy
+    from crystalign.steering import SteeredModel
 
     if (composition is None) == (compositions_from is None):
         _fail("give either --composition or --compositions-from")
@@ -231,24 +232,9 @@ def sample_cmd(
             template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    policy.to(dev)
-    batch = sample_policy(policy, template.to(dev), steps, seed, batch_size, noise=not no_noise).to("cpu")
+    batch = SteeredModel(policy.to(dev)).sample_batch(template, steps=steps, seed=seed, noise=not no_noise, batch_size=batch_size, progress=None).to("cpu")
     write_structure_set(out, batch, {"checkpoint": str(checkpoint), "iteration": state["iteration"], "seed": seed, "noise": not no_noise, "steps": steps})
     typer.echo(f"wrote {batch.num_structures} structures to {out}")
-
-
-def sample_policy(policy, template, steps: int, seed: int, batch_size: int = 256, noise: bool = True):
-    from tqdm import tqdm
-
-    from crystalign.crystal import CrystalBatch
-    from crystalign.rl.loop import rollout
-
-    g = torch.Generator().manual_seed(seed)
-    template = template.to(dtype=torch.float32)
-    parts = []
-    for part in tqdm(list(template.split(batch_size)), desc="sampling", unit="batch", disable=None):
-        parts.append(rollout(policy, part, steps, g, store=False, noise=noise).final)
-    return CrystalBatch.cat(parts)
 
 
 @app.command("plot-schedule")

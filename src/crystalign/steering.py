@@ -1,0 +1,181 @@
+"""Steer a generator toward any objective from Python: inference-time RL (OMatG-IRL) in one call.
+
+:func:`steer` takes a base model, a reward (a plain function of pymatgen Structures, a reward config or a
+:class:`~crystalign.rewards.Reward`) and the compositions to train on, runs GRPO/PPO on the model's velocity
+field, and returns a :class:`SteeredModel` that samples the reinforced policy. It is what ``crystalign rl fit``
+does from a YAML config, for notebooks and scripts.
+
+Example::
+
+    import crystalign
+
+    def density(structures):                        # higher is better; invalid structures never reach it
+        return [s.density for s in structures]
+
+    steered = crystalign.steer("perov_5", density, ["SrTiO3", "BaZrO3"], iterations=20, out="runs/dense")
+    structures = steered.sample("SrTiO3", n=16)     # pymatgen Structures
+    steered.history[-1]["reward_mean"]
+    again = crystalign.SteeredModel.load("runs/dense/last.pt")
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import torch
+
+from crystalign.crystal import CrystalBatch
+from crystalign.generator import Generator, composition_batch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pymatgen.core import Structure
+
+    from crystalign.rewards import Reward
+    from crystalign.rl.loop import Policy
+
+
+@dataclass
+class SteeredModel:
+    """A reinforced policy with its training history; ``checkpoint`` is its last RL checkpoint (None when the
+    run kept no files)."""
+
+    policy: "Policy"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str = "cpu") -> "SteeredModel":
+        """From an RL checkpoint (``last.pt`` / ``best.pt`` of ``steer(out=...)``, ``rl fit`` or ``predict``)."""
+        from crystalign.rl.loop import load_policy
+
+        policy, state = load_policy(path, map_location)
+        return cls(policy, list(state.get("history", [])), Path(path))
+
+    def sample_batch(
+        self,
+        template: CrystalBatch,
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+        noise: bool = True,
+        batch_size: int = 256,
+        progress: bool | None = None,
+    ) -> CrystalBatch:
+        """One structure per entry of ``template`` (species and atom counts are used), on the policy's device.
+
+        ``noise=True`` samples the stochastic policy as it was trained; ``False`` follows its mean path.
+        ``steps`` (time points) defaults to the training value. Seeded: the same call gives the same structures.
+        """
+        from tqdm import tqdm
+
+        from crystalign.rl.loop import rollout
+
+        steps = self.policy.config.steps if steps is None else int(steps)
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2, got {steps}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = next(self.policy.reference.parameters()).device
+        g = torch.Generator().manual_seed(seed)
+        template = template.to(device=device, dtype=torch.float32)
+        parts = []
+        # progress None: a bar only on a terminal
+        for part in tqdm(list(template.split(batch_size)), desc="sampling", unit="batch", disable=None if progress is None else not progress):
+            parts.append(rollout(self.policy, part, steps, g, store=False, noise=noise).final)
+        return CrystalBatch.cat(parts)
+
+    def sample(
+        self, compositions: str | Sequence[str], n: int = 1, **options: Any
+    ) -> list["Structure"]:
+        """``n`` structures of each composition (in order) as pymatgen Structures; options as :meth:`sample_batch`."""
+        compositions = [compositions] if isinstance(compositions, str) else list(compositions)
+        template = composition_batch(compositions, n, max_atoms=self.policy.reference.config.max_atoms)
+        return self.sample_batch(template, **options).to("cpu").to_structures()
+
+    def to(self, device: str | torch.device) -> "SteeredModel":
+        self.policy.to(device)
+        return self
+
+
+def as_reward(reward: "Reward | Callable[[list[Structure]], Sequence[float]] | str | Mapping[str, Any]") -> "Reward":
+    """A :class:`~crystalign.rewards.Reward` from a reward, a config (``"energy"``, ``{"kind": ...}``) or a plain
+    function ``structures -> floats`` (higher is better)."""
+    from crystalign.rewards import make_reward
+    from crystalign.rewards.base import CallableReward, Reward
+
+    if isinstance(reward, (str, Mapping)) or isinstance(reward, Reward):
+        return make_reward(reward)
+    if callable(reward):
+        return CallableReward(reward)
+    raise TypeError(f"reward must be a function of structures, a reward config or a Reward, got {type(reward).__name__}")
+
+
+def steer(
+    model: str | Path | Generator,
+    reward: "Reward | Callable[[list[Structure]], Sequence[float]] | str | Mapping[str, Any]",
+    compositions: str | Sequence[str] | CrystalBatch,
+    *,
+    iterations: int = 20,
+    out: str | Path | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    **rl_options: Any,
+) -> SteeredModel:
+    """Reinforce ``model`` (a shipped name, a checkpoint path or a :class:`Generator`) toward ``reward``.
+
+    ``compositions``: formulas, or a :class:`CrystalBatch` (e.g. a dataset's structures: their compositions are
+    used and volume drift is measured against their cells). Each iteration draws ``num_groups`` of them and
+    samples ``group_size`` trajectories of each (GRPO groups).
+
+    ``out``: a run folder with a checkpoint after every iteration (``last.pt``, ``best.pt``, ``history.json``);
+    ``resume=True`` continues an interrupted run there. Without ``out`` nothing is written.
+    ``rl_options``: any :class:`~crystalign.rl.loop.RLConfig` field, e.g. ``variant="score"``, ``steps=50``,
+    ``group_size=8``, ``num_groups=4``, ``lr=1e-4``, ``fields=["pos", "cell"]``,
+    ``noise={"pos": {"kind": "constant", "a": 0.1}, ...}``.
+    """
+    from crystalign.rl.loop import Policy, RLConfig, RLTrainer, check_device
+
+    import dataclasses
+
+    if "reward" in rl_options or "iterations" in rl_options:
+        raise TypeError("pass reward and iterations as steer()'s own arguments")
+    known = {f.name for f in dataclasses.fields(RLConfig)} - {"reward", "iterations", "seed", "device"}
+    unknown = sorted(set(rl_options) - known)
+    if unknown:
+        raise TypeError(f"steer(): unknown RL option(s) {unknown}; RLConfig fields are {sorted(known)}")
+    dev = check_device(device)
+    reward_obj = as_reward(reward)
+    gen = model if isinstance(model, Generator) else Generator.load(model)
+    if isinstance(compositions, CrystalBatch):
+        comps = compositions
+    else:
+        formulas = [compositions] if isinstance(compositions, str) else list(compositions)
+        if not formulas:
+            raise ValueError("compositions: give at least one formula")
+        comps = composition_batch(formulas, 1, max_atoms=gen.config.max_atoms)
+    config = RLConfig(
+        seed=seed, iterations=iterations, device=str(dev), reward=_reward_label(reward, reward_obj), **rl_options
+    )
+    config.validation.every = 0
+    policy = Policy(gen, config).to(dev)
+    trainer = RLTrainer(policy, reward_obj, config, comps.to(device=dev, dtype=torch.float32), progress=progress)
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="crystalign-steer-") as tmp:
+            history = trainer.fit(tmp, on_iteration=on_iteration)
+        return SteeredModel(policy.eval(), history, None)
+    history = trainer.fit(out, resume=resume, on_iteration=on_iteration)
+    return SteeredModel(policy.eval(), history, Path(out) / "last.pt")
+
+
+def _reward_label(spec: Any, reward: Any) -> Any:
+    """What the checkpoint records as the reward: the config when there is one, else the reward's name (a Python
+    function or object cannot be stored in a weights-only checkpoint)."""
+    if isinstance(spec, (str, Mapping)):
+        return spec
+    return str(getattr(reward, "name", type(reward).__name__))
