@@ -7,9 +7,12 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from typer.testing import CliRunner
 
 import crystalign.metrics as metrics
 from crystalign.matching import make_matcher
-from crystalign.metrics import SUMMARY_KEYS, CSPMetrics, csp_metrics, structure_validity
+from crystalign.metrics import SUMMARY_KEYS, CheckpointError, CSPMetrics, csp_metrics, structure_validity
 
 pytestmark = pytest.mark.data
 
@@ -292,3 +295,208 @@ def test_cli_help_shows_an_example(runner_app):
     res = CliRunner().invoke(runner_app, ["evaluate", "--help"])
     assert res.exit_code == 0
     assert "Example" in res.output and "--reference" in res.output and "index.json" in res.output
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+N_QUICK = 12  # pairs of the resume case before its two slow ones
+SLOW_TIMEOUT_S = 1.0  # the slow pairs run into it (they need about 4 s), the quick ones take under 0.1 s
+
+
+@dataclass
+class ResumeCase:
+    gen_dir: Path
+    ref_dir: Path
+    gen: list
+    ref: list
+    baseline: CSPMetrics  # the uninterrupted run
+
+
+def _write_cif_folder(folder: Path, structures: list[Structure]) -> None:
+    folder.mkdir()
+    for i, s in enumerate(structures):
+        (folder / f"{i:06d}.cif").write_text(s.to(fmt="cif"))
+
+
+def checkpoint_records(path: Path) -> list[dict]:
+    """The complete pair lines of a checkpoint: not the header, not a torn last line."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_bytes().split(b"\n")[1:-1]]
+
+
+@pytest.fixture(scope="module")
+def resume_case(mp20, carbon_val_csv, tmp_path_factory) -> ResumeCase:
+    """18 real pairs as CIF folders: 12 quick ones (matches and misses), two 144-atom pairs that run into the
+    1 s limit (a window in which to interrupt), 4 quick ones; and the metrics of an uninterrupted run."""
+    from crystalign.cli.evaluate import load_structures
+
+    rng = np.random.default_rng(3)
+    carbon = read_structures(carbon_val_csv, 10)
+    big = next(s for s in carbon if len(s) == 12).copy()
+    big.make_supercell([3, 2, 2])  # 144 atoms, each moved 0.2 Å: matching takes seconds
+    slow = [perturb(big, rng, 0.2, 0.0) for _ in range(2)]
+    refs = mp20[:8] + carbon[:4] + slow + mp20[8:12]
+    gen = (
+        [perturb(s, rng, 0.05) for s in mp20[:8]] + carbon[1:5]  # same composition C, other polymorphs
+        + [perturb(s, rng, 0.2, 0.0) for s in slow]
+        + [perturb(s, rng, 0.05) for s in mp20[8:12]]
+    )
+    root = tmp_path_factory.mktemp("resume")
+    _write_cif_folder(root / "gen", gen)
+    _write_cif_folder(root / "ref", refs)
+    gen_read, _ = load_structures(root / "gen", tolerate_unreadable=True)
+    ref_read, _ = load_structures(root / "ref")
+    baseline = csp_metrics(gen_read, ref_read, timeout=SLOW_TIMEOUT_S, n_workers=1, progress=False)
+    assert baseline.timed_out_pairs == [12, 13] and all(baseline.same_composition) and baseline.errors == 0
+    assert 8 <= sum(baseline.matched) < 16
+    return ResumeCase(root / "gen", root / "ref", gen_read, ref_read, baseline)
+
+
+def test_interrupted_run_resumes_to_the_same_metrics_matching_only_the_rest(resume_case, tmp_path):
+    """A real SIGINT part-way through in-process matching; the resumed run (worker pool) reuses every saved pair."""
+    ck = tmp_path / "pairs.jsonl"
+
+    def interrupt_in_the_slow_pairs() -> None:
+        deadline = time.monotonic() + 60
+        while len(checkpoint_records(ck)) < N_QUICK and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal
+    try:
+        watcher = threading.Thread(target=interrupt_in_the_slow_pairs, daemon=True)
+        watcher.start()
+        with pytest.raises(KeyboardInterrupt):
+            csp_metrics(resume_case.gen, resume_case.ref, timeout=SLOW_TIMEOUT_S, n_workers=0, progress=False, checkpoint=ck)
+        watcher.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    saved = checkpoint_records(ck)
+    assert N_QUICK <= len(saved) < 18
+    assert [r["pair"] for r in saved] == list(range(len(saved)))
+
+    result = csp_metrics(resume_case.gen, resume_case.ref, timeout=SLOW_TIMEOUT_S, n_workers=1, progress=False, checkpoint=ck)
+    assert result.to_dict(details=True) == resume_case.baseline.to_dict(details=True)
+    assert result.resumed_pairs == len(saved)
+    records = checkpoint_records(ck)
+    assert records[: len(saved)] == saved  # kept as they were
+    assert sorted(r["pair"] for r in records) == list(range(18))  # every pair matched once over both runs
+    assert [r["pair"] for r in records if r["status"] == "timeout"] == [12, 13]
+    # a finished checkpoint: a third run matches nothing (timeouts stay timeouts until the file is deleted)
+    again = csp_metrics(resume_case.gen, resume_case.ref, timeout=SLOW_TIMEOUT_S, n_workers=1, progress=False, checkpoint=ck)
+    assert again.resumed_pairs == 18 and again.to_dict(details=True) == result.to_dict(details=True)
+    assert checkpoint_records(ck) == records
+
+
+def test_cli_ctrl_c_then_resume_gives_the_uninterrupted_metrics(resume_case, tmp_path, runner_app):
+    out = tmp_path / "metrics.json"
+    sidecar = tmp_path / ".metrics.json.partial.jsonl"
+    args = [
+        "evaluate", str(resume_case.gen_dir), "-r", str(resume_case.ref_dir), "--out", str(out),
+        "--timeout", str(SLOW_TIMEOUT_S), "--workers", "1", "--no-progress", "--json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "crystalign.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while len(checkpoint_records(sidecar)) < N_QUICK and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and str(sidecar) in output and "--resume" in output
+    assert len(output.strip().splitlines()) == 1  # one line
+    saved = checkpoint_records(sidecar)
+    assert N_QUICK <= len(saved) < 18 and not out.exists()
+
+    runner = CliRunner()
+    res = runner.invoke(runner_app, args)  # without --resume the sidecar is neither reused nor overwritten
+    assert res.exit_code == 2 and "--resume" in res.stderr and str(sidecar) in res.stderr
+    assert checkpoint_records(sidecar) == saved
+
+    res = runner.invoke(runner_app, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert f"resumed: {len(saved)} pair(s)" in res.stderr
+    expected = json.loads(json.dumps(resume_case.baseline.to_dict(details=True)))
+    assert json.loads(out.read_text()) == expected
+    assert json.loads(res.stdout) == json.loads(json.dumps(resume_case.baseline.to_dict()))
+    assert not sidecar.exists()  # the evaluation is complete: nothing left to resume
+
+
+def test_a_torn_last_line_is_dropped(mp20, tmp_path):
+    rng = np.random.default_rng(4)
+    refs = mp20[:8]
+    # 6 close copies, one far off (same composition), one of another composition (never matched)
+    gen = [perturb(s, rng) for s in refs[:6]] + [perturb(refs[6], rng, 0.4), refs[6]]
+    ck = tmp_path / "pairs.jsonl"
+    full = csp_metrics(gen, refs, n_workers=0, progress=False, checkpoint=ck)
+    lines = ck.read_bytes().split(b"\n")
+    ck.write_bytes(b"\n".join(lines[:4]) + b"\n" + lines[4][: len(lines[4]) // 2])  # header, 3 pairs, half a line
+    resumed = csp_metrics(gen, refs, n_workers=0, progress=False, checkpoint=ck)
+    assert resumed.resumed_pairs == 3
+    assert resumed.to_dict(details=True) == full.to_dict(details=True)
+    records = checkpoint_records(ck)  # the fragment was cut off, not glued to the next line
+    assert ck.read_bytes().endswith(b"\n") and len(records) == len(set(r["pair"] for r in records)) == 7
+
+    lines = ck.read_bytes().split(b"\n")
+    ck.write_bytes(b"\n".join([lines[0], b"{not json", *lines[2:]]))  # damage inside is not a torn line
+    with pytest.raises(CheckpointError, match=rf"{ck}, line 2"):
+        csp_metrics(gen, refs, n_workers=0, progress=False, checkpoint=ck)
+
+
+def test_a_checkpoint_of_other_inputs_is_refused(perov_val_csv, mp20, tmp_path, runner_app):
+    rows = read_rows(perov_val_csv, 6)
+    ref_csv, other_csv = tmp_path / "ref.csv", tmp_path / "other.csv"
+    _write_reference_csv(ref_csv, rows)
+    _write_reference_csv(other_csv, rows[1:] + rows[:1])
+    gen_dir = tmp_path / "gen"
+    gen_dir.mkdir()
+    for i, row in enumerate(rows):
+        (gen_dir / f"{i:06d}.cif").write_text(row["cif"])
+    out = tmp_path / "metrics.json"
+    sidecar = tmp_path / ".metrics.json.partial.jsonl"
+    from crystalign.cli.evaluate import checkpoint_path, load_structures
+
+    assert checkpoint_path(out) == sidecar
+    gen, _ = load_structures(gen_dir, tolerate_unreadable=True)
+    ref, _ = load_structures(ref_csv)
+    other, _ = load_structures(other_csv)
+    runner = CliRunner()
+    args = ["evaluate", str(gen_dir), "--out", str(out), "--resume", "--no-progress", "--workers", "0"]
+    for made_with, differs in [
+        (dict(references=other), "the reference structures"),
+        (dict(references=ref, matcher_kwargs={"stol": 0.3}), "the matcher tolerances"),
+        (dict(references=ref, timeout=5.0), "the per-pair timeout"),
+    ]:
+        sidecar.unlink(missing_ok=True)
+        csp_metrics(gen, n_workers=0, progress=False, checkpoint=sidecar, **made_with)
+        before = sidecar.read_bytes()
+        res = runner.invoke(runner_app, [*args, "-r", str(ref_csv)])
+        assert res.exit_code == 2, res.output
+        assert str(sidecar) in res.stderr and differs in res.stderr and "delete it" in res.stderr
+        assert sidecar.read_bytes() == before and not out.exists()  # never mixed into, never overwritten
+    with pytest.raises(CheckpointError, match="the generated structures"):
+        csp_metrics(mp20[:6], ref, n_workers=0, progress=False, checkpoint=sidecar, timeout=5.0)
+    sidecar.unlink()
+    res = runner.invoke(runner_app, [*args, "-r", str(ref_csv)])  # --resume with nothing to resume: a fresh run
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["match_rate"] == 1.0 and not sidecar.exists()
+
+
+def test_cli_resume_needs_out_and_an_existing_checkpoint_needs_resume(perov_val_csv, tmp_path, runner_app):
+    rows = read_rows(perov_val_csv, 2)
+    ref_csv = tmp_path / "ref.csv"
+    _write_reference_csv(ref_csv, rows)
+    runner = CliRunner()
+    res = runner.invoke(runner_app, ["evaluate", str(ref_csv), "-r", str(ref_csv), "--resume"])
+    assert res.exit_code == 2 and "--resume needs --out" in res.stderr
+
+    out = tmp_path / "metrics.json"
+    sidecar = tmp_path / ".metrics.json.partial.jsonl"
+    sidecar.write_text("left by an interrupted run\n")
+    res = runner.invoke(runner_app, ["evaluate", str(ref_csv), "-r", str(ref_csv), "--out", str(out)])
+    assert res.exit_code == 2 and str(sidecar) in res.stderr
+    assert "pass --resume" in res.stderr and "delete the file" in res.stderr
+    assert sidecar.read_text() == "left by an interrupted run\n" and not out.exists()
+    res = runner.invoke(runner_app, ["evaluate", str(ref_csv), "-r", str(ref_csv), "--out", str(out), "--resume"])
+    assert res.exit_code == 2 and "not a csp_metrics checkpoint" in res.stderr and str(sidecar) in res.stderr

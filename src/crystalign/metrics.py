@@ -24,6 +24,15 @@ displacement normalised by (V/N)^(1/3); a pair matches when it returns a value.
 Matching runs in worker processes, each pair under a time limit. A pair that runs out of time is a
 miss, is counted in ``timeouts`` and listed in ``timed_out_pairs``; it is never dropped.
 
+Long evaluations are resumable: with ``checkpoint=PATH`` (see :func:`csp_metrics`) every pair the matcher
+finishes is appended to a JSON-lines file, and a later call with the same inputs matches only the pairs not
+in it. The first line is the header ``{"format": "crystalign.csp_metrics checkpoint", "version": 1,
+"fingerprint": {...}}`` (sha256 of the generated and reference structures, their numbers, k, tolerances,
+timeout, METRe mode); every further line is one pair, e.g. ``{"pair": 12, "status": "matched", "rms": 0.031}``
+(a METRe cross pair has ``"cross": [generated, reference]`` instead of ``"pair"``) with status ``matched``,
+``miss``, ``timeout`` or ``error`` (``rms`` null unless matched; errors and timeouts add a ``message``).
+Pairs never sent to the matcher (invalid, other composition) are not recorded: they are recomputed.
+
 Example::
 
     from crystalign.metrics import csp_metrics
@@ -33,6 +42,8 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -42,12 +53,14 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from crystalign.geometry import check_validity
+from crystalign.io import write_text
 from crystalign.matching import BENCHMARK_TOLERANCES, make_matcher
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,6 +80,10 @@ _HARD_GRACE_S = 5.0
 
 #: The keys every ``CSPMetrics.to_dict()`` starts with, in this order.
 SUMMARY_KEYS = ("match_rate", "rmse", "crmse", "valid_rate", "n", "timeouts")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used for this evaluation (other inputs, or not a checkpoint)."""
 
 
 def default_workers() -> int:
@@ -107,6 +124,8 @@ class CSPMetrics:
     # per reference
     reference_valid: list[bool] = field(repr=False)
     best_rms: list[float | None] = field(repr=False)  # best RMS over the samples METRe looks at
+    # how the result was obtained, not part of it (so not in to_dict): matcher results read from a checkpoint
+    resumed_pairs: int = field(default=0, repr=False, compare=False)
 
     @property
     def timed_out_pairs(self) -> list[int]:
@@ -222,6 +241,7 @@ def csp_metrics(
     progress: bool = True,
     start_method: str | None = None,
     metre: str = "samples",
+    checkpoint: str | os.PathLike | None = None,
 ) -> CSPMetrics:
     """Match rate, RMSE, cRMSE, METRe and validity of ``generated`` against ``references``.
 
@@ -240,11 +260,21 @@ def csp_metrics(
             instantly and only run pymatgen), else the platform default.
         metre: which generated structures METRe compares with a reference: ``"samples"`` its own
             ``k`` samples, ``"any"`` every generated structure of the same reduced composition.
+        checkpoint: a JSON-lines file that makes the run resumable. Every pair the matcher finishes is
+            appended to it at once, so a kill loses only the pairs in flight. If the file exists, its pairs
+            are taken as they are and only the rest are matched (``resumed_pairs`` says how many were
+            reused); the result equals an uninterrupted run's. The file records a fingerprint of the
+            inputs (the structures, k, tolerances, timeout, METRe mode); a file made for other inputs
+            raises a :class:`CheckpointError` (a ``ValueError``) naming it and what differs. A torn last
+            line (killed mid-write) is dropped. Timed-out pairs stay recorded as timeouts: delete the file
+            to retry them. The file is left in place: remove it once the result is saved.
 
     Example::
 
         result = csp_metrics(samples, refs, k=4)
         print(result.match_rate, result.metre_match_rate, result.timeouts)
+        # resumable: rerun the same call after an interruption
+        result = csp_metrics(samples, refs, k=4, checkpoint="metrics.partial.jsonl")
     """
     gen = _as_structures(generated)
     ref = _as_structures(references)
@@ -293,21 +323,38 @@ def csp_metrics(
     timed_out = [False] * n
     error: list[str | None] = [None] * n
     cross: dict[tuple[int, int], tuple[str, float | None]] = {}
-    if tasks:
+    results: dict[Any, tuple[str, float | None, str | None]] = {}
+    store = None
+    if checkpoint is not None:
+        store = _Checkpoint(Path(checkpoint), _fingerprint(gen, ref, k, kwargs, timeout, metre))
+        keys = {p for p, _, _ in tasks}
+        results = {p: r for p, r in store.results.items() if p in keys}
+    todo = [task for task in tasks if task[0] not in results]
+    if todo:
         n_workers = default_workers() if n_workers is None else n_workers
-        bar = _progress_bar(len(tasks), progress)
+        bar = _progress_bar(len(tasks), progress, initial=len(tasks) - len(todo))
+
+        def on_done(p, result: tuple[str, float | None, str | None]) -> None:
+            if store is not None:
+                store.append(p, result)
+            bar.update(1)
+
         try:
-            results = _match_all(tasks, kwargs, timeout, n_workers, start_method, on_done=lambda: bar.update(1))
+            results.update(_match_all(todo, kwargs, timeout, n_workers, start_method, on_done=on_done))
         finally:
             bar.close()
-        for p, (status, value, message) in results.items():
-            if isinstance(p, tuple):
-                cross[p] = (status, value)
-                continue
-            rms[p] = value if status == "ok" else None
-            timed_out[p] = status == "timeout"
-            error[p] = message if status == "error" else None
-    return _aggregate(gen_valid, ref_valid, same_comp, rms, timed_out, error, k, stol, kwargs, metre, cross)
+            if store is not None:
+                store.close()
+    for p, (status, value, message) in results.items():
+        if isinstance(p, tuple):
+            cross[p] = (status, value)
+            continue
+        rms[p] = value if status == "ok" else None
+        timed_out[p] = status == "timeout"
+        error[p] = message if status == "error" else None
+    result = _aggregate(gen_valid, ref_valid, same_comp, rms, timed_out, error, k, stol, kwargs, metre, cross)
+    result.resumed_pairs = len(tasks) - len(todo)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- internals
@@ -369,11 +416,149 @@ def _aggregate(gen_valid, ref_valid, same_comp, rms, timed_out, error, k, stol, 
     )
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
     # disable=None: only on a terminal, so logs and --json pipes stay clean
-    return tqdm(total=total, desc="matching", unit="pair", disable=None if enabled else True, leave=False)
+    return tqdm(total=total, initial=initial, desc="matching", unit="pair", disable=None if enabled else True, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+
+_CHECKPOINT_FORMAT = "crystalign.csp_metrics checkpoint"
+_CHECKPOINT_VERSION = 1
+# what each fingerprint entry stands for, in the message that refuses a checkpoint of other inputs
+_FINGERPRINT_NAMES = {
+    "generated_sha256": "the generated structures",
+    "references_sha256": "the reference structures",
+    "n_generated": "the number of generated structures",
+    "n_references": "the number of references",
+    "k": "k",
+    "tolerances": "the matcher tolerances",
+    "timeout": "the per-pair timeout",
+    "metre": "the METRe mode",
+}
+
+
+def _structures_sha256(structures: Sequence["Structure | None"]) -> str:
+    """sha256 of the species, cells and fractional coordinates, in order (``None`` entries included)."""
+    digest = hashlib.sha256()
+    for s in structures:
+        if s is None:
+            digest.update(b"none\n")
+            continue
+        digest.update(json.dumps([site.species_string for site in s]).encode() + b"\n")
+        digest.update(np.ascontiguousarray(s.lattice.matrix, dtype=np.float64).tobytes())
+        digest.update(np.ascontiguousarray(s.frac_coords, dtype=np.float64).reshape(-1, 3).tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(gen, ref, k: int, tolerances: dict, timeout: float | None, metre: str) -> dict[str, Any]:
+    """Everything a pair's recorded result depends on; a checkpoint is reused only if all of it is equal."""
+    return {
+        "generated_sha256": _structures_sha256(gen),
+        "references_sha256": _structures_sha256(ref),
+        "n_generated": len(gen),
+        "n_references": len(ref),
+        "k": k,
+        "tolerances": {key: float(v) for key, v in sorted(tolerances.items())},
+        "timeout": None if timeout is None else float(timeout),
+        "metre": metre,
+    }
+
+
+class _Checkpoint:
+    """Finished pairs of one evaluation in a JSON-lines file (format in the module docstring).
+
+    The header is written atomically; each pair line goes out in one unbuffered write, so a kill tears at
+    most the last line, which is dropped (and cut off the file) on load.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]):
+        self.path = path
+        self.results: dict[Any, tuple[str, float | None, str | None]] = {}
+        self._fh = None
+        if not path.exists():
+            write_text(path, json.dumps(self._header(fingerprint)) + "\n")
+            return
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        torn = lines.pop()  # after the last newline: empty, or a line cut short by a kill
+        if not lines:
+            raise CheckpointError(f"{path}: not a csp_metrics checkpoint (no complete header line); delete it to start over")
+        self._check_header(lines[0], fingerprint)
+        for number, line in enumerate(lines[1:], start=2):
+            key, result = self._parse(line, number)
+            self.results[key] = result
+        if torn:  # appending after it would glue the next record onto the fragment
+            with open(path, "r+b") as fh:
+                fh.truncate(len(data) - len(torn))
+
+    @staticmethod
+    def _header(fingerprint: dict[str, Any]) -> dict[str, Any]:
+        return {"format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_VERSION, "fingerprint": fingerprint}
+
+    def _check_header(self, line: bytes, fingerprint: dict[str, Any]) -> None:
+        try:
+            header = json.loads(line)
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header.get("format") != _CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{self.path}: not a csp_metrics checkpoint (unexpected first line); delete it to start over")
+        if header.get("version") != _CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"{self.path}: checkpoint format version {header.get('version')}, this crystalign writes "
+                f"{_CHECKPOINT_VERSION}; delete it to start over"
+            )
+        saved = header.get("fingerprint") or {}
+        # through JSON, so tuples, ints and floats compare as they were saved
+        current = json.loads(json.dumps(fingerprint))
+        differ = [key for key in current if saved.get(key) != current[key]]
+        if differ:
+            what = []
+            for key in differ:
+                name = _FINGERPRINT_NAMES.get(key, key)
+                if key.endswith("sha256"):
+                    what.append(name)
+                else:
+                    what.append(f"{name} ({saved.get(key)} there, {current[key]} now)")
+            raise CheckpointError(
+                f"{self.path} is the checkpoint of another evaluation: {', '.join(what)} "
+                f"{'differs' if len(what) == 1 else 'differ'}. Run with the inputs it was made for, or delete it to "
+                "start over"
+            )
+
+    def _parse(self, line: bytes, number: int) -> tuple[Any, tuple[str, float | None, str | None]]:
+        try:
+            rec = json.loads(line)
+            key = tuple(int(x) for x in rec["cross"]) if "cross" in rec else int(rec["pair"])
+            status, rms = rec["status"], rec.get("rms")
+            if status not in ("matched", "miss", "timeout", "error") or (rms is None) == (status == "matched"):
+                raise ValueError(f"status {status!r} with rms {rms!r}")
+            message = rec.get("message")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{self.path}, line {number}: not a pair record ({exc}); delete the file to start over") from None
+        internal = "ok" if status in ("matched", "miss") else status
+        return key, (internal, None if rms is None else float(rms), message)
+
+    def append(self, key, result: tuple[str, float | None, str | None]) -> None:
+        status, rms, message = result
+        rec: dict[str, Any] = {"cross": list(key)} if isinstance(key, tuple) else {"pair": key}
+        if status == "ok":
+            rec.update(status="miss" if rms is None else "matched", rms=rms)
+        else:
+            rec.update(status=status, rms=None)
+            if message is not None:
+                rec["message"] = message
+        if self._fh is None:
+            self._fh = open(self.path, "ab", buffering=0)  # unbuffered: each record is one write() call
+        self._fh.write((json.dumps(rec) + "\n").encode())
+        self.results[key] = result
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 class _PairTimeout(BaseException):
@@ -430,7 +615,8 @@ def _worker_main(conn: Connection, matcher_kwargs: dict, timeout: float | None) 
         conn.send((p, *_match_one(matcher, gen, ref, timeout, use_alarm=True)))
 
 
-def _match_all(tasks, matcher_kwargs, timeout, n_workers, start_method, on_done: Callable[[], None]) -> dict:
+def _match_all(tasks, matcher_kwargs, timeout, n_workers, start_method, on_done: Callable[[Any, tuple], None]) -> dict:
+    """Results of all ``tasks``; ``on_done(key, result)`` is called as each pair finishes."""
     if n_workers <= 0:
         return _match_in_process(tasks, matcher_kwargs, timeout, on_done)
     return _WorkerPool(n_workers, matcher_kwargs, timeout, start_method).run(tasks, on_done)
@@ -446,7 +632,7 @@ def _match_in_process(tasks, matcher_kwargs, timeout, on_done) -> dict:
     try:
         for p, gen, ref in tasks:
             results[p] = _match_one(matcher, gen, ref, timeout, use_alarm)
-            on_done()
+            on_done(p, results[p])
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -500,7 +686,7 @@ class _WorkerPool:
         self._stop(self.workers[idx])
         self.workers[idx] = self._start()
 
-    def run(self, tasks, on_done: Callable[[], None]) -> dict:
+    def run(self, tasks, on_done: Callable[[Any, tuple], None]) -> dict:
         pending = deque(p for p, _, _ in tasks)
         payload = {p: (gen, ref) for p, gen, ref in tasks}
         self.results: dict[Any, tuple[str, float | None, str | None]] = {}
@@ -545,8 +731,8 @@ class _WorkerPool:
 
     def _finish(self, worker: _Worker, result) -> None:
         self.results[worker.pair] = result
+        self.on_done(worker.pair, result)
         worker.pair = None
-        self.on_done()
 
     def _died(self, idx: int) -> None:
         w = self.workers[idx]

@@ -15,6 +15,11 @@ Inputs and their order (pairing is by index, see :mod:`crystalign.metrics`):
 
 Generated files (or extxyz frames) that cannot be read count as invalid structures; unreadable references are
 an error, as is an extxyz file whose frame boundaries are lost (the message names the frame).
+
+With ``--out OUT`` the evaluation is resumable: every matched pair is appended to ``.OUT.partial.jsonl``
+beside it (see :func:`crystalign.metrics.csp_metrics`); ``--resume`` continues from there, and the file goes
+once OUT is written. Without ``--resume`` an existing one is refused, never silently reused or overwritten.
+Timed-out pairs stay timeouts on resume; delete the file to match everything again.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from pymatgen.core import Structure
 
 EXAMPLE = """\
-Example:
+Examples:
 
   crystalign evaluate samples/ -r perov_5/test.csv -k 4 --json --out metrics.json
 
+  crystalign evaluate samples/ -r perov_5/test.csv -k 4 --out metrics.json --resume
+
 samples/ holds 000000_00.cif, 000000_01.cif, ... (or an index.json listing the files in order);
-sample j of reference i is file number i*k + j.
+sample j of reference i is file number i*k + j. With --out, finished pairs are kept in .metrics.json.partial.jsonl
+as they are matched: after an interruption, rerun the same command with --resume to match only the rest.
 """
 
 
@@ -62,7 +70,14 @@ def evaluate(
     timeout: float = typer.Option(
         60.0, "--timeout", min=0.0, help="Per-pair time limit in seconds (0 = none). Timed-out pairs count as misses."
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics with per-pair details to this JSON file."),
+    out: Optional[Path] = typer.Option(
+        None, "--out",
+        help="Also write the metrics with per-pair details to this JSON file; finished pairs are kept in "
+        ".OUT.partial.jsonl beside it until then.",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted evaluation from the pairs finished in --out's .OUT.partial.jsonl."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     metre: str = typer.Option(
         "samples", "--metre",
@@ -71,28 +86,51 @@ def evaluate(
     ),
 ) -> None:
     """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs)."""
+    from crystalign.cli.generate import _fail
     from crystalign.io import OutputPathError, check_output_file, write_json
-    from crystalign.metrics import csp_metrics
+    from crystalign.metrics import CheckpointError, csp_metrics
 
+    checkpoint = None
     if out is not None:
         try:  # up front: a bad --out must not surface only after all the matching
             check_output_file(out)
         except OutputPathError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--out'") from None
+        checkpoint = checkpoint_path(out)
+        if checkpoint.exists() and not resume:
+            _fail(
+                f"{checkpoint} holds the finished pairs of an interrupted evaluation: pass --resume to continue "
+                "it, or delete the file to start over"
+            )
+    elif resume:
+        _fail("--resume needs --out: the finished pairs are kept in a file beside the --out file")
     try:
-        gen, gen_names = load_structures(generated, tolerate_unreadable=True)
-        ref, _ = load_structures(reference, tolerate_unreadable=False)
-    except (ValueError, OSError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    unreadable = [name for s, name in zip(gen, gen_names) if s is None]
-    if unreadable:
-        typer.echo(f"{len(unreadable)} generated structure(s) unreadable, counted invalid: {', '.join(unreadable[:10])}", err=True)
-    try:
-        result = csp_metrics(
-            gen, ref, k=k, n_workers=workers, timeout=timeout or None, progress=progress, metre=metre
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        try:
+            gen, gen_names = load_structures(generated, tolerate_unreadable=True)
+            ref, _ = load_structures(reference, tolerate_unreadable=False)
+        except (ValueError, OSError) as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        unreadable = [name for s, name in zip(gen, gen_names) if s is None]
+        if unreadable:
+            typer.echo(f"{len(unreadable)} generated structure(s) unreadable, counted invalid: {', '.join(unreadable[:10])}", err=True)
+        try:
+            result = csp_metrics(
+                gen, ref, k=k, n_workers=workers, timeout=timeout or None, progress=progress, metre=metre,
+                checkpoint=checkpoint,
+            )
+        except CheckpointError as exc:  # not a bad option: a file to resume from or delete
+            _fail(str(exc))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    except KeyboardInterrupt:
+        if checkpoint is not None and checkpoint.exists():
+            msg = f"interrupted: the finished pairs are saved in {checkpoint}; rerun the same command with --resume to continue"
+        else:
+            msg = "interrupted before any pair was saved" + ("" if out else " (give --out to make the evaluation resumable)")
+        typer.secho(msg, fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    if result.resumed_pairs:
+        typer.echo(f"resumed: {result.resumed_pairs} pair(s) taken from {checkpoint}, the rest matched now", err=True)
     if k is None and result.k > 1:
         typer.echo(
             f"k = {result.k} inferred ({result.n} generated / {result.n_references} references): generated "
@@ -109,8 +147,15 @@ def evaluate(
         try:
             write_json(out, result.to_dict(details=True))
         except OSError as exc:
-            typer.secho(f"error: cannot write {out}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
+            kept = f" (the matched pairs stay in {checkpoint} for --resume)" if checkpoint.exists() else ""
+            typer.secho(f"error: cannot write {out}: {exc.strerror or exc}{kept}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
+        checkpoint.unlink(missing_ok=True)  # the metrics are safe in OUT: nothing left to resume
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where ``evaluate --out OUT`` keeps its finished pairs until OUT is written (hidden, as hull build's)."""
+    return out.with_name(f".{out.name}.partial.jsonl")
 
 
 def _warn_composition_mismatch(result) -> None:
