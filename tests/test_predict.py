@@ -85,8 +85,14 @@ def test_existing_output_needs_resume(tmp_path):
     predict("SrTiO3", out=str(out), progress=False, n=2, rl_steps=0, steps=4, relax=False)
     with pytest.raises(FileExistsError, match="--resume"):
         predict("SrTiO3", out=str(out), progress=False, n=2, rl_steps=0, steps=4, relax=False)
-    with pytest.raises(ValueError, match="options differ"):
+    with pytest.raises(ValueError, match="options differ from the interrupted run in n;"):
         predict("SrTiO3", out=str(out), progress=False, n=3, rl_steps=0, steps=4, relax=False, resume=True)
+    # a run folder written before an option existed resumes: the option had its default value there
+    state = json.loads((out / "state.json").read_text())
+    del state["options"]["mlip_model"]
+    (out / "state.json").write_text(json.dumps(state))
+    again = predict("SrTiO3", out=str(out), progress=False, n=2, rl_steps=0, steps=4, relax=False, resume=True)
+    assert again.summary["n_candidates"] == 2
 
 
 def test_ctrl_c_keeps_partial_results_and_resume_finishes(tmp_path):

@@ -113,9 +113,18 @@ def test_predict_with_a_local_mace_file(tmp_path):
     outputs name the MACE model."""
     import json
 
-    res = CliRunner().invoke(app, ["predict", "SrTiO3", "--backend", "mace", "--out", str(tmp_path / "none")])
+    # a foundation-model name that cannot be fetched (no network here; a name mace_mp rejects anywhere)
+    res = CliRunner().invoke(
+        app, ["predict", "SrTiO3", "--backend", "mace", "--mlip-model", "no-such-foundation-model", "--out", str(tmp_path / "none")]
+    )
     assert res.exit_code != 0 and "local .model file" in res.output
     assert not (tmp_path / "none").exists()
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model")
+    for model, message in ((garbage, "garbage.model could not be loaded"), (tmp_path / "typo.model", "typo.model does not exist")):
+        res = CliRunner().invoke(app, ["predict", "SrTiO3", "--backend", "mace", "--mlip-model", str(model), "--out", str(tmp_path / "none")])
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "none").exists()
 
     path = _random_mace_file(tmp_path / "random.model", range(1, 90))
     out = tmp_path / "p"

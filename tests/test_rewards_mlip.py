@@ -231,3 +231,28 @@ def test_hull_cli(small_hull, tmp_path, mp20_sample_csv):
     assert hull.elements == set(small_hull[2][0].composition.as_dict())
     bad = CliRunner().invoke(app, ["hull", "build", str(refs), "--backend", "nequip", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown MLIP backend" in bad.output
+
+
+def test_a_failing_chunk_costs_only_its_failing_structures():
+    """Batched backends evaluate chunks; a chunk that raises (e.g. out of GPU memory for the whole batch, or one
+    structure the model chokes on) is retried one structure at a time: only the structure that fails by
+    itself gets NaN, and the failure is reported."""
+    from crystalign.rewards.mlip import energies_in_chunks
+
+    calls = []
+
+    def evaluate(keys):
+        calls.append(list(keys))
+        if 7 in keys:
+            raise RuntimeError("CUDA out of memory" if len(keys) > 1 else "cannot evaluate structure 7")
+        return np.array(keys, dtype=float) * 2.0
+
+    with pytest.warns(UserWarning, match=r"toy: 1 structure\(s\) could not be evaluated .*structure 7"):
+        out = energies_in_chunks(list(range(10)), 4, evaluate, "toy")
+    expected = np.arange(10) * 2.0
+    expected[7] = np.nan
+    np.testing.assert_array_equal(out, expected)
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [4], [5], [6], [7], [8, 9]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no failure, no warning
+        np.testing.assert_array_equal(energies_in_chunks([1, 2], 4, evaluate, "toy"), [2.0, 4.0])

@@ -451,3 +451,15 @@ def test_timestep_loss_assembles_and_validates_costs():
     with pytest.raises(ValueError, match="pos_distillation"):
         timestep_loss(terms, {"pos_policy": 1.0, "pos_distillation": 1e-3})
     timestep_loss(terms, {"pos_policy": 1.0, "pos_distillation": 0.0})  # a zero cost needs no term
+
+
+def test_step_refuses_non_positive_step_sizes():
+    batch = CrystalBatch(
+        species=torch.tensor([11, 17]), frac=torch.rand(2, 3), lattice=torch.eye(3).unsqueeze(0) * 4.0, n_atoms=torch.tensor([2])
+    )
+    assert Step.on_grid(0.2, 0.1, batch).dt.tolist() == pytest.approx([0.1])
+    for dt in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="dt must be positive"):
+            Step.on_grid(0.2, dt, batch)
+    with pytest.raises(ValueError, match="dt must be positive"):
+        Step(t=torch.tensor([0.2, 0.3]), dt=torch.tensor([0.1, 0.0]), batch=torch.tensor([0, 1]))

@@ -62,6 +62,44 @@ def _template(formula: str, n: int):
     return composition_batch([formula], n)
 
 
+def test_steer_resume_refuses_other_compositions_and_records_plain_data(tmp_path):
+    comps = ["SrTiO3", "BaZrO3"]
+    # a reward config holding a Python function: the checkpoint records the reward's name, so it stays loadable
+    spec = {"kind": "callable", "fn": volume_per_atom}
+    crystalign.steer("perov_5", spec, comps, iterations=1, out=tmp_path / "run", **CELL_RL)
+    assert SteeredModel.load(tmp_path / "run" / "last.pt").policy.config.reward == "volume_per_atom"
+    with pytest.raises(ValueError, match="data.dataset"):
+        crystalign.steer("perov_5", spec, ["CaTiO3"], iterations=2, out=tmp_path / "run", resume=True, **CELL_RL)
+    with pytest.raises(ValueError, match="reward"):
+        crystalign.steer("perov_5", lambda ss: [0.0] * len(ss), comps, iterations=2, out=tmp_path / "run", resume=True, **CELL_RL)
+    resumed = crystalign.steer("perov_5", spec, comps, iterations=2, out=tmp_path / "run", resume=True, **CELL_RL)
+    assert len(resumed.history) == 2
+    # without validation best.pt is the final policy, also after a resumed run
+    assert len(SteeredModel.load(tmp_path / "run" / "best.pt").history) == 2
+
+
+def test_steer_seed_fixes_initialisation_without_touching_the_global_rng(tmp_path):
+    """Velocity annealing starts from a freshly initialised s(t) network: the seed decides it, the caller's RNG
+    is left alone; its learned s(t) then drives the scaled-velocity variant."""
+    opts = dict(variant="scale", steps=6, group_size=4, num_groups=1, progress=False)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = crystalign.steer("perov_5", volume_per_atom, "SrTiO3", iterations=0, seed=5, **opts)
+    assert torch.equal(torch.rand(3), before)
+    b = crystalign.steer("perov_5", volume_per_atom, "SrTiO3", iterations=0, seed=5, **opts)
+    c = crystalign.steer("perov_5", volume_per_atom, "SrTiO3", iterations=0, seed=6, **opts)
+    state = lambda m: torch.cat([v.flatten() for v in m.policy.trainable_state().values()])  # noqa: E731
+    assert torch.equal(state(a), state(b)) and not torch.equal(state(a), state(c))
+
+    crystalign.steer("perov_5", volume_per_atom, "SrTiO3", iterations=1, out=tmp_path / "scale", **opts)
+    scaled = crystalign.steer(
+        "perov_5", volume_per_atom, "SrTiO3", iterations=1, variant="scaled_velocity",
+        scale_model=str(tmp_path / "scale" / "last.pt"), steps=6, group_size=4, num_groups=1, progress=False,
+    )
+    assert len(scaled.history) == 1 and len(scaled.sample("SrTiO3", n=2)) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
@@ -72,6 +110,8 @@ def _template(formula: str, n: int):
         (dict(reward_scale=2, iterations=0), TypeError, "unknown RL option"),
         (dict(group_size=1), ValueError, "group_size must be >= 2"),
         (dict(model="no_such_model"), (ValueError, FileNotFoundError), "no_such_model"),
+        (dict(resume=True), ValueError, "needs the run folder"),
+        (dict(validation={"every": 1}), TypeError, r"unknown RL option\(s\) \['validation'\]"),
     ],
 )
 def test_steer_bad_input(kwargs, error, message):

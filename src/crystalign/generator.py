@@ -124,7 +124,8 @@ class Generator(torch.nn.Module):
         if version != CHECKPOINT_VERSION:
             raise ValueError(f"{where}: checkpoint format version {version} is not supported by this crystalign (expects {CHECKPOINT_VERSION})")
         config = from_dict(GeneratorConfig, ckpt["config"], where=f"{where}:config")
-        gen = cls(config, BaseDistribution.from_config(ckpt["base"]), coverage=ckpt.get("coverage"))
+        with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten: leave the caller's RNG as it was
+            gen = cls(config, BaseDistribution.from_config(ckpt["base"]), coverage=ckpt.get("coverage"))
         missing, unexpected = gen.net.load_state_dict(ckpt["state_dict"], strict=False)
         if missing or unexpected:
             raise ValueError(f"{where}: network weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")

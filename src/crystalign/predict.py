@@ -116,9 +116,10 @@ class _Stages:
         if resume and self.path.exists():
             prev = json.loads(self.path.read_text())
             keep = {k: v for k, v in asdict(options).items() if k not in ("resume", "out")}
-            old = {k: v for k, v in prev.get("options", {}).items() if k not in ("resume", "out")}
-            if keep != old:
-                changed = sorted(k for k in keep if keep[k] != old.get(k))
+            # an option added after the run was written had its default value there
+            old = {**asdict(PredictOptions()), **prev.get("options", {})}
+            changed = sorted(k for k in keep if keep[k] != old.get(k))
+            if changed:
                 raise ValueError(f"--resume: options differ from the interrupted run in {', '.join(changed)}; use a new --out")
             self.state = prev
         elif not resume and self.path.exists():
@@ -326,7 +327,9 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
 
             steered = SteeredModel.load(out / "rl" / "last.pt").to(opts.device)
             # the mean path of the reinforced policy: exploration noise only costs energy at sampling time
-            rl_batch = steered.sample_batch(template, steps=opts.steps, seed=opts.seed + 1, noise=False, progress=False).to("cpu")
+            rl_batch = steered.sample_batch(
+                template, steps=opts.steps, seed=opts.seed + 1, noise=False, batch_size=template.num_structures, progress=False
+            ).to("cpu")
             _write_extxyz(rl_path, rl_batch)
             stages.mark("rl_samples")
         rl_candidates = _read_extxyz(rl_path)

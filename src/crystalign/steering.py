@@ -67,7 +67,8 @@ class SteeredModel:
         """One structure per entry of ``template`` (species and atom counts are used), on the policy's device.
 
         ``noise=True`` samples the stochastic policy as it was trained; ``False`` follows its mean path.
-        ``steps`` (time points) defaults to the training value. Seeded: the same call gives the same structures.
+        ``steps`` (time points) defaults to the training value. Seeded: the same call gives the same structures;
+        noise is drawn batch after batch, so the structures also depend on ``batch_size``.
         """
         from tqdm import tqdm
 
@@ -92,6 +93,8 @@ class SteeredModel:
     ) -> list["Structure"]:
         """``n`` structures of each composition (in order) as pymatgen Structures; options as :meth:`sample_batch`."""
         compositions = [compositions] if isinstance(compositions, str) else list(compositions)
+        if not compositions:
+            raise ValueError("sample: give at least one composition")
         template = composition_batch(compositions, n, max_atoms=self.policy.reference.config.max_atoms)
         return self.sample_batch(template, **options).to("cpu").to_structures()
 
@@ -133,22 +136,28 @@ def steer(
     used and volume drift is measured against their cells). Each iteration draws ``num_groups`` of them and
     samples ``group_size`` trajectories of each (GRPO groups).
 
-    ``out``: a run folder with a checkpoint after every iteration (``last.pt``, ``best.pt``, ``history.json``);
-    ``resume=True`` continues an interrupted run there. Without ``out`` nothing is written.
+    ``out``: a run folder with a checkpoint after every iteration (``last.pt``, ``history.json``);
+    ``resume=True`` continues an interrupted run there, after checking that the compositions, the options and
+    the reward's name are the run's (a Python function is known by its name only). Without ``out`` nothing is
+    kept. ``seed`` fixes the policy's initialisation and every draw of the run.
     ``rl_options``: any :class:`~crystalign.rl.loop.RLConfig` field, e.g. ``variant="score"``, ``steps=50``,
     ``group_size=8``, ``num_groups=4``, ``lr=1e-4``, ``fields=["pos", "cell"]``,
-    ``noise={"pos": {"kind": "constant", "a": 0.1}, ...}``.
+    ``noise={"pos": {"kind": "constant", "a": 0.1}, ...}``, ``num_threads=2``. A :class:`Generator` passed in
+    is moved to ``device`` and frozen (it becomes the policy's reference).
     """
-    from crystalign.rl.loop import Policy, RLConfig, RLTrainer, check_device
-
     import dataclasses
+
+    from crystalign.rl.loop import RLConfig, RLTrainer, check_device, make_policy
 
     if "reward" in rl_options or "iterations" in rl_options:
         raise TypeError("pass reward and iterations as steer()'s own arguments")
-    known = {f.name for f in dataclasses.fields(RLConfig)} - {"reward", "iterations", "seed", "device"}
+    # validation and data belong to `crystalign rl fit` (held-out compositions from a dataset config)
+    known = {f.name for f in dataclasses.fields(RLConfig)} - {"reward", "iterations", "seed", "device", "validation", "data"}
     unknown = sorted(set(rl_options) - known)
     if unknown:
         raise TypeError(f"steer(): unknown RL option(s) {unknown}; RLConfig fields are {sorted(known)}")
+    if resume and out is None:
+        raise ValueError("steer(resume=True) needs the run folder: pass out=")
     dev = check_device(device)
     reward_obj = as_reward(reward)
     gen = model if isinstance(model, Generator) else Generator.load(model)
@@ -156,14 +165,18 @@ def steer(
         comps = compositions
     else:
         formulas = [compositions] if isinstance(compositions, str) else list(compositions)
-        if not formulas:
-            raise ValueError("compositions: give at least one formula")
-        comps = composition_batch(formulas, 1, max_atoms=gen.config.max_atoms)
+        comps = composition_batch(formulas, 1, max_atoms=gen.config.max_atoms) if formulas else None
+    if comps is None or comps.num_structures == 0:
+        raise ValueError("compositions: give at least one formula")
     config = RLConfig(
         seed=seed, iterations=iterations, device=str(dev), reward=_reward_label(reward, reward_obj), **rl_options
     )
+    # what the run trains on, so that resuming with other compositions is refused like any changed option
+    config.data = dataclasses.replace(config.data, dataset=f"compositions sha256:{_compositions_digest(comps)}")
     config.validation.every = 0
-    policy = Policy(gen, config).to(dev)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    policy = make_policy(gen.to(dev), config)
     trainer = RLTrainer(policy, reward_obj, config, comps.to(device=dev, dtype=torch.float32), progress=progress)
     if out is None:
         with tempfile.TemporaryDirectory(prefix="crystalign-steer-") as tmp:
@@ -173,9 +186,27 @@ def steer(
     return SteeredModel(policy.eval(), history, Path(out) / "last.pt")
 
 
+def _compositions_digest(comps: CrystalBatch) -> str:
+    """sha256 (16 hex digits) of the species of each structure, in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for n, z in zip(comps.n_atoms.tolist(), comps.species.cpu().split(comps.n_atoms.tolist())):
+        digest.update(f"{n}:{','.join(map(str, z.tolist()))};".encode())
+    return digest.hexdigest()[:16]
+
+
 def _reward_label(spec: Any, reward: Any) -> Any:
-    """What the checkpoint records as the reward: the config when there is one, else the reward's name (a Python
-    function or object cannot be stored in a weights-only checkpoint)."""
-    if isinstance(spec, (str, Mapping)):
+    """What the checkpoint records as the reward: the config when it is plain data, else the reward's name (a
+    Python function or object cannot be stored in a weights-only checkpoint)."""
+    if isinstance(spec, str) or (isinstance(spec, Mapping) and _plain(spec)):
         return spec
     return str(getattr(reward, "name", type(reward).__name__))
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))

@@ -36,7 +36,7 @@ def fit_cmd(
     from crystalign.generator import Generator, load_checkpoint_file, resolve_model
     from crystalign.data.splits import load_training_data
     from crystalign.rl.loop import (
-        Policy, RLConfig, RLDivergedError, RLTrainer, check_device, check_resume, check_run_dir, coverage_summary, load_scale_model,
+        RLConfig, RLDivergedError, RLTrainer, check_device, check_resume, check_run_dir, coverage_summary, make_policy,
     )
 
     path = resolve_config(config)
@@ -66,7 +66,7 @@ def fit_cmd(
             check_resume(load_checkpoint_file(out / "last.pt"), cfg, base.model_hash(), where=str(out / "last.pt"))
         train, hold, _ = load_training_data(cfg.data, str(data_root) if data_root else None)
         reward, val_reward = build_rewards(cfg.reward, train, hold)
-        policy = Policy(base, cfg, scale_model=load_scale_model(cfg.scale_model)).to(cfg.device)
+        policy = make_policy(base, cfg)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
     trainer = RLTrainer(

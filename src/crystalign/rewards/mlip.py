@@ -48,6 +48,37 @@ class MLIPLoadError(RuntimeError):
     """A potential's weights could not be loaded (a named model that must be downloaded, offline)."""
 
 
+#: what evaluating a structure can raise without the model being unusable (out-of-memory is a RuntimeError)
+EVALUATION_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
+
+
+def energies_in_chunks(keys: Sequence[Any], batch_size: int, evaluate: Callable[[list[Any]], np.ndarray], name: str) -> np.ndarray:
+    """``evaluate`` on ``batch_size`` keys at a time, (len(keys),) energies. A chunk that fails is retried one key
+    at a time, so only structures that fail by themselves get NaN: one bad structure, or a batch too large for
+    the GPU's memory, never costs the others. Failures are reported in one warning."""
+    out = np.full(len(keys), np.nan)
+    errors: list[str] = []
+    for start in range(0, len(keys), batch_size):
+        rows = list(range(start, min(start + batch_size, len(keys))))
+        try:
+            out[rows] = evaluate([keys[r] for r in rows])
+            continue
+        except EVALUATION_ERRORS as err:
+            if len(rows) == 1:
+                errors.append(f"{type(err).__name__}: {err}")
+                continue
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # after an out-of-memory error the single retries need the memory back
+        for r in rows:
+            try:
+                out[r] = evaluate([keys[r]])[0]
+            except EVALUATION_ERRORS as err:
+                errors.append(f"{type(err).__name__}: {err}")
+    if errors:
+        warnings.warn(f"{name}: {len(errors)} structure(s) could not be evaluated (NaN), e.g. {errors[0][:300]}", stacklevel=3)
+    return out
+
+
 def _require(module: str, backend: str, dist: str, hint: str = "") -> None:
     """Fail at construction, not at the first reward call, when the backend's package is missing."""
     if importlib.util.find_spec(module) is None:
@@ -291,20 +322,21 @@ class SevenNetBackend(MLIPBackend):
             return ASECalculatorBackend(self._calc, self.name, self.model).energies(atoms_list)
         import sevenn._keys as KEY
 
+        def evaluate(idx: list[int]) -> np.ndarray:
+            graphs = [self._graph(atoms_list[i]) for i in idx]
+            if self.batch_size == 1:
+                data = graphs[0]
+            else:
+                from torch_geometric.loader.dataloader import Collater
+
+                data = Collater([], follow_batch=None, exclude_keys=None)(graphs)
+            with torch.no_grad():
+                energy = self._net(data.to(self.device))[KEY.PRED_TOTAL_ENERGY]
+            return energy.detach().double().cpu().numpy().reshape(-1)
+
         out = np.full(len(atoms_list), np.nan)
         todo = [i for i, a in enumerate(atoms_list) if set(a.numbers.tolist()) <= self._known_z]
-        with torch.no_grad():
-            for start in range(0, len(todo), self.batch_size):
-                idx = todo[start : start + self.batch_size]
-                graphs = [self._graph(atoms_list[i]) for i in idx]
-                if self.batch_size == 1:
-                    data = graphs[0]
-                else:
-                    from torch_geometric.loader.dataloader import Collater
-
-                    data = Collater([], follow_batch=None, exclude_keys=None)(graphs)
-                energy = self._net(data.to(self.device))[KEY.PRED_TOTAL_ENERGY]
-                out[idx] = energy.detach().double().cpu().numpy().reshape(-1)
+        out[todo] = energies_in_chunks(todo, self.batch_size, evaluate, f"SevenNet ({self.model})")
         return out
 
 
@@ -414,8 +446,14 @@ class MACEBackend(ASECalculatorBackend):
             from mace.calculators import MACECalculator, mace_mp
 
             dtype_name = "float64" if dtype_ == torch.float64 else "float32"
-            if Path(model).expanduser().is_file():
-                return MACECalculator(model_paths=str(Path(model).expanduser()), device=str(device_), default_dtype=dtype_name)
+            path = Path(model).expanduser()
+            if path.is_file():
+                try:
+                    return MACECalculator(model_paths=str(path), device=str(device_), default_dtype=dtype_name)
+                except Exception as err:  # a damaged file or one from an incompatible mace-torch, deep inside torch.load
+                    raise MLIPLoadError(f"MACE model file {path} could not be loaded: {type(err).__name__}: {err}") from err
+            if path.suffix == ".model" or len(path.parts) > 1:
+                raise FileNotFoundError(f"MACE model file {path} does not exist")
             try:
                 return mace_mp(model=model, device=str(device_), default_dtype=dtype_name)
             except Exception as err:  # mace_mp downloads named models; offline that fails deep inside mace
@@ -448,21 +486,20 @@ class MACEBackend(ASECalculatorBackend):
                     )))
                 except (ValueError, RuntimeError, IndexError, KeyError):
                     pass
-        with torch.no_grad():
-            for start in range(0, len(graphs), self.batch_size):
-                chunk = graphs[start : start + self.batch_size]
-                batch = torch_geometric.Batch.from_data_list([g for _, g in chunk]).to(calc.device)
-                per_model = []
-                for net in calc.models:  # a committee averages its members, as the calculator does
-                    dtype = next(net.parameters()).dtype
-                    data = {
-                        k: v.to(dtype) if torch.is_tensor(v) and torch.is_floating_point(v) else v
-                        for k, v in batch.to_dict().items()
-                    }
+        def evaluate(chunk: list[Any]) -> np.ndarray:
+            batch = torch_geometric.Batch.from_data_list(chunk).to(calc.device)
+            per_model = []
+            for net in calc.models:  # a committee averages its members, as the calculator does
+                dtype = next(net.parameters()).dtype
+                data = {k: v.to(dtype) if torch.is_tensor(v) and torch.is_floating_point(v) else v for k, v in batch.to_dict().items()}
+                with torch.no_grad():
                     res = net(data, training=False, compute_force=False, compute_virials=False, compute_stress=False)
-                    per_model.append(res["energy"].detach().double())
-                energy = torch.stack(per_model).mean(0) * float(getattr(calc, "energy_units_to_eV", 1.0))
-                out[[i for i, _ in chunk]] = energy.cpu().numpy().reshape(-1)
+                per_model.append(res["energy"].detach().double())
+            energy = torch.stack(per_model).mean(0) * float(getattr(calc, "energy_units_to_eV", 1.0))
+            return energy.cpu().numpy().reshape(-1)
+
+        if graphs:
+            out[[i for i, _ in graphs]] = energies_in_chunks([g for _, g in graphs], self.batch_size, evaluate, f"MACE ({self.model})")
         return out
 
 

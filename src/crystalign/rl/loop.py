@@ -626,7 +626,8 @@ class RLTrainer:
             # a run of 0 iterations: still resumable, and recognised as a run by check_run_dir
             save_torch(last, self.state())
             write_json(out / "history.json", self.history)
-        if self.rank == 0 and not (out / "best.pt").exists():
+        if self.rank == 0 and (not vc.every or not (out / "best.pt").exists()):
+            # without validation there is no "best": best.pt is the final policy, refreshed by every resumed run
             save_torch(out / "best.pt", self.state())
         if self.world > 1:
             dist.barrier()  # rank 0's last checkpoint is on disk before any rank moves on (e.g. to resume from it)
@@ -801,6 +802,14 @@ def load_policy(path: str | Path, map_location: str = "cpu") -> tuple[Policy, di
         raise ValueError(f"{path}: RL checkpoint does not fit its policy (unexpected {unexpected[:5]})")
     policy.eval()
     return policy, state
+
+
+def make_policy(reference: Generator, config: RLConfig) -> Policy:
+    """The policy of a new run: its trainable parts initialised from ``config.seed`` (without touching the
+    caller's global RNG), its scale model loaded for the scaled-velocity variant, on ``config.device``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return Policy(reference, config, scale_model=load_scale_model(config.scale_model)).to(config.device)
 
 
 def load_scale_model(path: str | None) -> ScaleMLP | None:

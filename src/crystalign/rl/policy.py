@@ -146,15 +146,16 @@ class Step:
             raise ValueError(
                 f"Step: t and dt must both have shape (B,), got {tuple(self.t.shape)} and {tuple(self.dt.shape)}"
             )
-        if self.dt.device.type != "cpu":
-            # checked on the device: reading the flag back would synchronise every integration step
-            torch._assert_async((self.dt > 0).all(), "Step: dt must be positive")
-        elif bool((self.dt <= 0).any()):
+        # on an accelerator, reading the check back would synchronise every integration step: there the steps
+        # come from on_grid (checked below) or from a strictly increasing time grid
+        if self.dt.device.type == "cpu" and bool((self.dt <= 0).any()):
             raise ValueError("Step: dt must be positive")
 
     @classmethod
     def on_grid(cls, t: float, dt: float, crystals: "CrystalBatch") -> "Step":
         """The same ``t`` and ``dt`` for every structure of ``crystals`` (in its dtype and device)."""
+        if not dt > 0:
+            raise ValueError(f"Step: dt must be positive, got {dt}")
         b = crystals.num_structures
         kw = dict(dtype=crystals.dtype, device=crystals.device)
         return cls(t=torch.full((b,), float(t), **kw), dt=torch.full((b,), float(dt), **kw), batch=crystals.batch)
