@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from crystalign.cli import app
+from crystalign.data import read_structures
 from crystalign.predict import CoverageWarning, predict
 
 FAST = dict(n=4, rl_steps=2, steps=6, relax_steps=3, rl_group_size=2, rl_groups=2)
@@ -53,6 +54,36 @@ def test_predict_warns_outside_training_coverage(tmp_path, mp20_sample_csv):
     assert any("outside the training range" in m or "never appear" in m for m in messages)
 
 
+def test_formula_units_scan_cell_sizes(tmp_path):
+    """-z samples -n candidates of each cell size and ranks them together; RL draws its groups from all sizes."""
+    from crystalign.predict import cell_formulas
+
+    result = predict("C", model="carbon_24", formula_units="6,8", out=str(tmp_path / "p"), progress=False, n=3, rl_steps=1,
+                     rl_group_size=2, rl_groups=2, steps=4, relax=False)
+    assert result.summary["cells"] == ["C6", "C8"]
+    assert result.summary["n_candidates"] == 12  # 3 per size from the base model, 3 per size from the RL policy
+    sizes = sorted(len(s) for s in read_structures(tmp_path / "p" / "base.extxyz").batch.to_structures())
+    assert sizes == [6, 6, 6, 8, 8, 8]
+    assert all(s.composition.reduced_formula == "C" for s in result.structures)
+    # auto: the multiples inside the model's training range of cell sizes, spread evenly, at most six
+    assert cell_formulas("C", "auto", {"n_atoms_min": 6, "n_atoms_max": 24}) == ["C6", "C10", "C13", "C17", "C20", "C24"]
+    assert cell_formulas("SrTiO3", "2,1,2", None) == ["SrTiO3", "Sr2Ti2O6"]
+    assert cell_formulas("Sr2Ti2O6", "", None) == ["Sr2Ti2O6"]
+
+
+def test_rl_that_trips_its_guard_falls_back_to_the_base_candidates(tmp_path):
+    """The carbon model cannot make a perovskite: every RL structure is rejected, the guard stops RL, and predict
+    still ranks the base candidates, says why, and records it."""
+    from crystalign.predict import RLStoppedWarning
+
+    with pytest.warns(RLStoppedWarning, match="inference-time RL stopped .*max_invalid_fraction"):
+        result = predict("Sr2Ti2O6", model="carbon_24", out=str(tmp_path / "p"), progress=False, n=4, rl_steps=2,
+                         rl_group_size=2, rl_groups=2, steps=4, relax=False)
+    assert "max_invalid_fraction" in result.summary["rl_stopped"]
+    assert result.summary["n_candidates"] == 4  # the base samples only
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["rl_stopped"] == result.summary["rl_stopped"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -62,6 +93,8 @@ def test_predict_warns_outside_training_coverage(tmp_path, mp20_sample_csv):
         (["SrTiO3", "-n", "0"], "positive number"),
         (["AmO2", "--no-relax", "--rl-steps", "0"], "does not support element"),
         (["SrTiO3", "--mlip-model", "no-such-7net"], "no-such-7net does not exist"),
+        (["SrTiO3", "-z", "0,1"], "comma list of positive integers"),
+        (["SrTi2O5", "-z", "auto"], "no multiple of SrTi2O5 (8 atoms)"),
     ],
 )
 def test_predict_bad_input(tmp_path, args, message):

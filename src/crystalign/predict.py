@@ -36,8 +36,16 @@ DEFAULT_COMPOSITION = "SrTiO3"
 DEFAULT_MODEL = "perov_5"
 
 
-class CoverageWarning(UserWarning):
+class PredictWarning(UserWarning):
+    """Something the user of ``predict`` should know about the answer (the command prints these)."""
+
+
+class CoverageWarning(PredictWarning):
     """The composition lies outside what the model saw in training."""
+
+
+class RLStoppedWarning(PredictWarning):
+    """Inference-time RL stopped early (its guard tripped); the answer comes from the base model alone."""
 
 
 @dataclass
@@ -63,6 +71,8 @@ class PredictOptions:
     resume: bool = False
     device: str = "cpu"
     top_k: int = 6
+    #: formula units per cell to try: "" = the composition as written (one cell), "1,2,4", or "auto"
+    formula_units: str = ""
 
     def validate(self) -> None:
         if self.n <= 0:
@@ -86,6 +96,46 @@ class PredictResult:
     summary: dict[str, Any]
     out_dir: Path
     candidates: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: "auto" tries at most this many cell sizes (evenly spread over the training range)
+MAX_AUTO_FORMULA_UNITS = 6
+
+
+def cell_formulas(composition: str, formula_units: str, coverage: dict[str, Any] | None) -> list[str]:
+    """The cells to sample: ``composition`` as written, or its reduced formula times each formula-unit count.
+
+    ``formula_units``: "" (as written), a comma list ("1,2,4") or "auto": every count whose cell size lies in
+    the model's training range of atoms per cell, at most :data:`MAX_AUTO_FORMULA_UNITS` of them, spread evenly.
+    """
+    from pymatgen.core import Composition
+
+    spec = formula_units.strip().lower()
+    if not spec:
+        return [composition]
+    reduced = Composition(composition).reduced_composition
+    per_unit = int(round(reduced.num_atoms))
+    if spec == "auto":
+        lo, hi = (coverage or {}).get("n_atoms_min"), (coverage or {}).get("n_atoms_max")
+        if lo is None or hi is None:
+            raise ValueError("--formula-units auto needs the model's training range of cell sizes, which this model does not record; give counts, e.g. 1,2,4")
+        counts = [z for z in range(1, hi // per_unit + 1) if lo <= z * per_unit <= hi]
+        if not counts:
+            raise ValueError(
+                f"--formula-units auto: no multiple of {reduced.reduced_formula} ({per_unit} atoms) has a cell size in the "
+                f"model's training range {lo}–{hi} atoms"
+            )
+        if len(counts) > MAX_AUTO_FORMULA_UNITS:
+            picks = np.linspace(0, len(counts) - 1, MAX_AUTO_FORMULA_UNITS).round().astype(int)
+            counts = [counts[i] for i in sorted(set(picks.tolist()))]
+    else:
+        try:
+            counts = sorted({int(part) for part in spec.split(",") if part.strip()})
+        except ValueError:
+            raise ValueError(f"--formula-units must be 'auto' or a comma list of positive integers, got {formula_units!r}") from None
+        if not counts or counts[0] < 1:
+            raise ValueError(f"--formula-units must be 'auto' or a comma list of positive integers, got {formula_units!r}")
+    return ["".join(f"{el}{'' if z * n == 1 else int(z * n)}" for el, n in reduced.items()) for z in counts]
 
 
 # ---------------------------------------------------------------------- checks before any work
@@ -263,7 +313,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     opts.validate()
     t_start = time.time()
     # cheap checks first: composition, output folder, model, MLIP element support
-    species = parse_composition(opts.composition)
+    parse_composition(opts.composition)
     from pymatgen.core import Composition
 
     formula = Composition(opts.composition).reduced_formula
@@ -273,24 +323,26 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     try:
         stages = _Stages(out, opts, opts.resume)
         gen = Generator.load(opts.model).to(opts.device)
-        species = parse_composition(opts.composition, max_atoms=gen.config.max_atoms)
+        cells = cell_formulas(opts.composition, opts.formula_units, gen.coverage)
+        cell_species = [parse_composition(cell, max_atoms=gen.config.max_atoms) for cell in cells]
         backend = get_backend(opts.backend, model=opts.mlip_model).load()
         check_supported = getattr(backend, "check_elements", None)
         if check_supported is not None:
-            check_supported(species)
+            check_supported(cell_species[0])
     except BaseException:
         # a refused query leaves no trace: remove the folder this call created while still empty
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    warns = coverage_warnings(gen, species)
+    warns = [f"{cell}: {w}" for cell, sp in zip(cells, cell_species) for w in coverage_warnings(gen, sp)]
     for w in warns:
-        warnings.warn(f"{opts.composition}: {w}", CoverageWarning, stacklevel=2)
+        warnings.warn(w, CoverageWarning, stacklevel=2)
     reward = EnergyReward(backend)
-    template = composition_batch([opts.composition], opts.n, max_atoms=gen.config.max_atoms)
+    template = composition_batch(cells, opts.n, max_atoms=gen.config.max_atoms)
     summary: dict[str, Any] = {
         "composition": opts.composition,
         "formula": formula,
+        "cells": cells,
         "model": opts.model,
         "model_hash": gen.model_hash(),
         "reward": f"energy per atom ({opts.backend})",
@@ -319,9 +371,19 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     # 2. inference-time RL on this composition
     history: list[dict[str, Any]] = []
     candidates = base
+    rl_result = None
+    rl_stopped = None
     if opts.rl_steps > 0:
+        from crystalign.rl.loop import RLDivergedError
+
+        try:
+            history = _run_rl(gen, reward, opts, out / "rl", progress)
+        except RLDivergedError as err:
+            # e.g. a composition the model cannot make valid structures of: the base candidates still get ranked
+            rl_stopped = str(err)
+            warnings.warn(f"{formula}: inference-time RL stopped ({err}); ranking the base model's candidates only", RLStoppedWarning, stacklevel=2)
+    if opts.rl_steps > 0 and rl_stopped is None:
         rl_path = out / "rl_samples.extxyz"
-        history = _run_rl(gen, reward, opts, out / "rl", progress)
         if not stages.done("rl_samples"):
             from crystalign.steering import SteeredModel
 
@@ -336,8 +398,9 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         rl_result = reward(rl_candidates)
         # rank the union: a short per-query RL run can only add better candidates, never lose the base ones
         candidates = CrystalBatch.cat([base, rl_candidates])
-    sampled_energy = (rl_result if opts.rl_steps > 0 else base_result).info["energy_per_atom_ev"].numpy()
-    cand_result = reward(candidates) if opts.rl_steps > 0 else base_result
+    sampled_energy = (rl_result if rl_result is not None else base_result).info["energy_per_atom_ev"].numpy()
+    cand_result = reward(candidates) if rl_result is not None else base_result
+    summary["rl_stopped"] = rl_stopped
 
     # 3. relaxation with the same MLIP, of the lowest-energy valid candidates only (relaxation dominates run time)
     relax_records: list[dict[str, Any]] | None = None
@@ -406,7 +469,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         candidates=rows,
         history=history or None,
         energies_before=[float(e) for e in base_energy if np.isfinite(e)],
-        energies_after=[float(e) for e in sampled_energy if np.isfinite(e)] if opts.rl_steps > 0 else None,
+        energies_after=[float(e) for e in sampled_energy if np.isfinite(e)] if rl_result is not None else None,
         structures=ranked,
         top_k=opts.top_k,
     )
@@ -420,12 +483,12 @@ def _nanmean(x: np.ndarray) -> float | None:
 
 
 def _run_rl(gen: Generator, reward, opts: PredictOptions, folder: Path, progress: bool) -> list[dict[str, Any]]:
-    """K iterations of inference-time RL with GRPO groups drawn from this one composition (resumable)."""
+    """K iterations of inference-time RL with GRPO groups drawn from the query's cells (resumable)."""
     from crystalign.steering import steer
 
     noise = {"kind": "sqrt", "a": opts.rl_noise}
     steered = steer(
-        gen, reward, [opts.composition], iterations=opts.rl_steps, out=folder, resume=(folder / "last.pt").exists(),
+        gen, reward, cell_formulas(opts.composition, opts.formula_units, gen.coverage), iterations=opts.rl_steps, out=folder, resume=(folder / "last.pt").exists(),
         device=opts.device, seed=opts.seed, progress=progress,
         variant=opts.rl_variant, fields=["pos"], steps=opts.steps, noise={"pos": noise, "cell": dict(noise)},
         group_size=opts.rl_group_size, num_groups=opts.rl_groups, ppo_epochs=1, lr=opts.rl_lr,

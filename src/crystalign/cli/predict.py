@@ -26,6 +26,11 @@ def predict_cmd(
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
     relax_steps: int = typer.Option(100, "--relax-steps", help="Maximum FIRE steps per structure."),
     relax_top: int = typer.Option(16, "--relax-top", help="Relax only this many lowest-energy candidates."),
+    formula_units: str = typer.Option(
+        "", "--formula-units", "-z",
+        help="Formula units per cell to try, -n candidates each: e.g. 1,2,4, or auto (the multiples within the model's "
+        "training cell sizes, up to 6). Default: the composition as written.",
+    ),
     steps: int = typer.Option(50, "--steps", help="Integration time points."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default predictions/FORMULA)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
@@ -38,19 +43,20 @@ def predict_cmd(
       crystalign predict                          # SrTiO3 on the shipped perov_5 model
       crystalign predict BaZrO3 -n 64 --rl-steps 30 --out predictions/BaZrO3
       crystalign predict CaTiO3 --rl-steps 0 --no-relax
+      crystalign predict C --model carbon_24 -z auto -n 16     # cells of 6 to 24 carbon atoms
       crystalign predict BaTiO3 --backend mace --mlip-model mace-mpa-0-medium.model   # a local MACE file
     """
-    from crystalign.predict import CoverageWarning, predict
+    from crystalign.predict import PredictWarning, predict
     from crystalign.rewards.mlip import MLIPLoadError
 
     if reward != "energy":
         _fail(f"--reward {reward!r}: predict ranks by MLIP energy; use `crystalign rl fit` with a config for other rewards")
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CoverageWarning)
+        warnings.simplefilter("always", PredictWarning)
         try:
             result = predict(
                 composition, n=n, model=model, backend=backend, mlip_model=mlip_model, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
-                steps=steps, out=str(out) if out else "", resume=resume, seed=seed, device=device,
+                steps=steps, formula_units=formula_units, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
         except KeyboardInterrupt:
@@ -61,7 +67,7 @@ def predict_cmd(
             _fail(str(err))
         finally:
             for w in caught:
-                if issubclass(w.category, CoverageWarning):
+                if issubclass(w.category, PredictWarning):
                     typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
     s = result.summary
     typer.echo(f"\n{s['formula']}: {s['n_unique']} unique valid candidates of {s['n_candidates']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom)")
