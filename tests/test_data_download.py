@@ -189,6 +189,15 @@ def test_http_error_and_local_only_dataset(server, tmp_path):
         download("mp_20_sample", cache=tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("base_url,message", [("http://127.0.0.1:1/with space", "cannot download"), ("127.0.0.1:8767", "unknown url type")])
+def test_malformed_mirror_address_is_a_clear_error_not_a_retry(tmp_path, base_url, message):
+    result = CliRunner().invoke(
+        app, ["data", "download", "perov_5", "--split", "val", "--cache", str(tmp_path), "--base-url", base_url, "--no-progress"]
+    )
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+    assert "resume" not in result.output  # nothing to resume: the address is wrong
+
+
 def test_cli_download(server, tmp_path):
     result = CliRunner().invoke(
         app,

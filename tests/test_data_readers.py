@@ -473,3 +473,61 @@ def test_no_warnings_from_pymatgen_on_fallback(tmp_path, perov_rows):
         warnings.simplefilter("error")
         ds = read_csv(path)
     assert 29 in ds.batch[0].species.tolist()
+
+
+def test_spreadsheet_csv_with_bom_and_padded_header(tmp_path, perov_rows):
+    """Excel's "CSV UTF-8" starts with a byte-order mark; header names may carry spaces."""
+    header, rows = perov_rows
+    ids = [r[header.index("material_id")] for r in rows]
+    order = [header.index("material_id"), header.index("cif")]
+    path = tmp_path / "excel.csv"
+    with open(path, "w", newline="", encoding="utf-8-sig") as fh:
+        csv.writer(fh).writerows([[" material_id", "cif "], *[[r[i] for i in order] for r in rows]])
+    ds = read_csv(path)
+    assert ds.ids == ids and "\ufeffmaterial_id" not in ds.properties
+    _assert_same(ds.batch, read_csv(_write_csv(tmp_path / "plain.csv", header, rows)).batch)
+
+
+def test_all_rows_bad_with_skip_bad_says_why(tmp_path, perov_rows):
+    header, rows = perov_rows
+    bad = rows
+    for k in range(len(rows)):
+        bad = _with_cif(header, bad, k, lambda c: c.replace("_cell_length_a", "_cell_length_q"))
+    with pytest.raises(DataError, match=r"no valid structures \(e\.g\. " + rows[0][header.index("material_id")]):
+        read_csv(_write_csv(tmp_path / "bad.csv", header, bad), skip_bad=True)
+
+
+def test_journal_cif_with_a_metadata_block(tmp_path, loaded):
+    """Journal CIFs open with data_global (authors, citation, no atoms): it is not a structure."""
+    s = loaded[("perov_5", "val")].batch[:1].to_structures()[0]
+    text = "data_global\n_journal_name_full 'Acta Cryst.'\n_publ_author_name 'A. Author'\n\n" + s.to(fmt="cif")
+    (tmp_path / "paper.cif").write_text(text)
+    ds = read_cif(tmp_path / "paper.cif")
+    assert ds.ids == ["paper"] and len(ds) == 1
+    _assert_same(ds.batch, CrystalBatch.from_structures([s]))
+
+
+def test_trailing_comment_in_an_atom_loop_is_not_data(tmp_path, loaded):
+    """A hand-written CIF (label first, as many journals write it) with a comment that has as many tokens as an
+    atom row: read as data, it would add an atom."""
+    s = loaded[("perov_5", "val")].batch[:1].to_structures()[0]
+    a, b, c = s.lattice.abc
+    al, be, ga = s.lattice.angles
+    rows = [f"{site.specie}{i} {site.specie} {x:.6f} {y:.6f} {z:.6f}" for i, (site, (x, y, z)) in enumerate(zip(s, s.frac_coords))]
+    rows[-1] += f"   # {s[0].specie} 0.25 0.25 0.25"  # five tokens, as many as the loop has tags
+    text = (
+        f"data_test\n_cell_length_a {a}\n_cell_length_b {b}\n_cell_length_c {c}\n_cell_angle_alpha {al}\n"
+        f"_cell_angle_beta {be}\n_cell_angle_gamma {ga}\nloop_\n _symmetry_equiv_pos_as_xyz\n 'x, y, z'\nloop_\n"
+        " _atom_site_label\n _atom_site_type_symbol\n _atom_site_fract_x\n _atom_site_fract_y\n _atom_site_fract_z\n"
+        + "\n".join(rows) + "\n"
+    )
+    (tmp_path / "commented.cif").write_text(text)
+    ds = read_cif(tmp_path / "commented.cif")
+    _assert_same(ds.batch, CrystalBatch.from_structures([s]))
+
+
+def test_a_registered_name_beats_an_unrelated_folder_of_that_name(tmp_path, data_root, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "perov_5").mkdir()  # e.g. a run folder named after the dataset
+    (tmp_path / "perov_5" / "notes.txt").write_text("not data")
+    assert len(load_dataset("perov_5", data_root=data_root)) == 3787

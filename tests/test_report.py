@@ -376,3 +376,21 @@ def test_report_renders_in_headless_chromium(tmp_path, chromium, full_report):
         assert ImageStat.Stat(im.convert("L")).stddev[0] > 10
         # The lower half holds figures, not empty page.
         assert ImageStat.Stat(im.crop((0, 1200, 1200, 2400)).convert("L")).stddev[0] > 10
+
+
+def test_json_outputs_are_strict_json(tmp_path):
+    """NaN/inf (no valid candidate, an empty mean) become null: JavaScript's JSON.parse and strict readers
+    reject Python's NaN/Infinity tokens."""
+    import json
+    import math
+
+    import numpy as np
+
+    from crystalign.io import write_json
+
+    write_json(tmp_path / "s.json", {"best": math.nan, "rows": [1.5, float("inf"), np.float64("nan"), np.float32(2.0)], "ok": "x"})
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}")) == {
+        "best": None, "rows": [1.5, None, None, 2.0], "ok": "x"
+    }

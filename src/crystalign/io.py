@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -68,7 +69,21 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Strict JSON: NaN and ±inf (no valid candidate, an empty mean) are written as null, which every JSON
+    reader accepts, instead of Python's NaN/Infinity, which JavaScript and strict parsers reject."""
+    write_text(path, json.dumps(_finite_or_null(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return _finite_or_null(obj.item())
+    return obj
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:

@@ -76,7 +76,7 @@ _HISTORY_PANELS: tuple[tuple[str, str, tuple[tuple[str, str | None, str, str], .
         ),
     ),
     (
-        "Rejected fraction (invalid geometry or rejected by the reward)",
+        "Rejected fraction",
         "fraction",
         (
             ("rejected_fraction", None, "train", _C_MAIN),
@@ -233,7 +233,7 @@ def _history_figure(history: Sequence[Mapping[str, Any]]) -> Figure | None:
             if band:
                 s = np.asarray([p[2] for p in pts])
                 ax.fill_between(x, y - s, y + s, color=colour, alpha=0.18, linewidth=0)
-        if title == "Invalid fraction":
+        if ylabel == "fraction":
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("RL iteration")

@@ -175,7 +175,7 @@ def _parse_simple(text: str) -> tuple[list[int], list[str], list[float]]:
             seen_data = True
             loop_tags, in_header = None, False
             continue
-        if first == ";" or loop_tags is None:
+        if first == ";" or loop_tags is None or "#" in line:  # a trailing comment is not data: pymatgen strips it
             raise _Defer
         in_header = False
         loop_vals.extend(_TOKEN.findall(line))

@@ -149,9 +149,11 @@ def _transfer(url: str, part: Path, info: SplitInfo, label: str, progress: bool,
     headers = {"User-Agent": f"crystalign/{__version__}", "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
     try:
+        request = urllib.request.Request(url, headers=headers)
         response = urllib.request.urlopen(request, timeout=timeout)
+    except (ValueError, http.client.InvalidURL) as err:  # a malformed address: retrying cannot help
+        raise DataError(f"cannot download {url!r}: {err}") from None
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:
             # the server has nothing past our offset: the .part is either complete or unusable
@@ -162,6 +164,8 @@ def _transfer(url: str, part: Path, info: SplitInfo, label: str, progress: bool,
         raise DataError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, socket.timeout, ConnectionError) as err:
         reason = getattr(err, "reason", err)
+        if isinstance(reason, str) and reason.startswith("unknown url type"):
+            raise DataError(f"cannot download {url!r}: {reason} (give an http://, https:// or file:// address)") from None
         raise _Interrupted(f"cannot connect: {reason}") from None
 
     with response:

@@ -193,7 +193,9 @@ def _assemble(
 
     skipped = _fail_or_skip(errors, ids, path, skip_bad, row_offset)
     if not good:
-        raise DataError("no valid structures", path)
+        first = min(errors) if errors else None
+        why = f" (e.g. {ids[first]}: {errors[first]})" if first is not None else ""
+        raise DataError(f"no valid structures{why}", path)
 
     z_list = [numbers[i] for i in good]
     f_list = [frac[i] for i in good]
@@ -290,7 +292,7 @@ def read_csv(
     path = Path(path)
     _check_file(path)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheet exports start with a BOM
         try:
             rows = list(csv.reader(fh))
         except (csv.Error, UnicodeDecodeError) as err:
@@ -298,7 +300,7 @@ def read_csv(
     rows = [r for r in rows if r]  # blank lines
     if not rows:
         raise DataError("empty file", path)
-    header = rows[0]
+    header = [h.strip() for h in rows[0]]
     if cif_column not in header:
         raise DataError(f"no '{cif_column}' column (columns: {', '.join(h or '<unnamed>' for h in header)})", path)
     body = rows[1:]
@@ -326,7 +328,7 @@ def read_csv(
 
     columns: dict[str, list[Any]] = {}
     for c, name in enumerate(header):
-        if c in (i_cif, i_id) or name.lower().endswith("cif"):
+        if c in (i_cif, i_id) or name.lower().endswith("cif") or name.lower().startswith("cif"):  # e.g. DiffCSP's cif.conv
             continue
         key = name or "index"
         columns[key] = [row[c] if c < len(row) else "" for row in body]
@@ -377,7 +379,8 @@ def read_cif(
                 texts.append("")
                 continue
             raise DataError("empty file", f)
-        blocks = split_cif_blocks(text)
+        # journal CIFs open with a metadata block (data_global) that holds no atoms
+        blocks = [b for b in split_cif_blocks(text) if "_atom_site_" in b[1].lower()] or split_cif_blocks(text)
         for block_name, block in blocks:
             ids.append(f.stem if len(blocks) == 1 else f"{f.stem}:{block_name}")
             names.append(f.name)
@@ -551,6 +554,17 @@ def read_structures(
     return _READERS[fmt](path, niggli=niggli, primitive=primitive, skip_bad=skip_bad, validate=validate, **kwargs)
 
 
+def _is_dataset_path(path: Path) -> bool:
+    """A file or folder some reader takes (by :func:`detect_format`): what a name can only mean as a path."""
+    if not path.exists():
+        return False
+    try:
+        detect_format(path)
+    except DataError:
+        return False
+    return True
+
+
 def load_dataset(
     name_or_path: str | os.PathLike,
     split: str | None = None,
@@ -575,7 +589,8 @@ def load_dataset(
     from crystalign.data.registry import is_registered, resolve
 
     text = str(name_or_path)
-    if not is_registered(text) or Path(text).exists():
+    # a registered name means the dataset, unless a readable dataset file or folder of that name is right here
+    if not is_registered(text) or _is_dataset_path(Path(text).expanduser()):
         path = Path(text).expanduser()
         if not path.exists() and not any(sep in text for sep in ("/", os.sep)) and not path.suffix:
             from crystalign.data.registry import unknown_dataset_error
