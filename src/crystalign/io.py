@@ -12,6 +12,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: read once: the umask can only be read by setting it, which would race with threads creating files
+_UMASK = _process_umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
@@ -23,9 +33,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         # mkstemp creates 0600 files; outputs get the usual permissions (0666 minus the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
+        with open(tmp_path, "rb") as fh:  # the bytes reach the disk before the rename makes them the file
+            os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
