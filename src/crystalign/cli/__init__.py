@@ -20,6 +20,7 @@ from crystalign.cli import evaluate as _evaluate  # noqa: E402
 from crystalign.cli import models as _models  # noqa: E402
 from crystalign.cli import predict as _predict  # noqa: E402
 from crystalign.cli import hull as _hull  # noqa: E402
+from crystalign.cli import config as _config  # noqa: E402
 
 app.add_typer(_data.app, name="data")
 _generate.register(app)
@@ -28,6 +29,7 @@ _evaluate.register(app)
 _models.register(app)
 _predict.register(app)
 _hull.register(app)
+_config.register(app)
 # --- end registrations ---
 
 
