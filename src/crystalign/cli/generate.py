@@ -31,7 +31,8 @@ def train_cmd(
     """Train a CSP base model.
 
     Example: crystalign train perov_5_cpu --out runs/perov_5
-    (a bare name selects a shipped preset config; a path selects your own YAML)
+    (a bare name selects a shipped preset config, see `crystalign config list`; a path selects your own YAML,
+    `crystalign config show perov_5_cpu` prints every key to start one from)
     """
     from crystalign.config import ConfigError, load_config
     from crystalign.io import OutputPathError

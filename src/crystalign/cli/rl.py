@@ -31,6 +31,7 @@ def fit_cmd(
 
     Example: crystalign rl fit rl_perov_5_velocity_cpu --base-checkpoint perov_5 --out runs/rl_perov
     Several processes or GPUs: torchrun --nproc-per-node 4 -m crystalign.cli rl fit CONFIG -b CKPT
+    Presets: `crystalign config list`; every key of one: `crystalign config show rl_perov_5_velocity_cpu`.
     """
     from crystalign.config import ConfigError, load_config
     from crystalign.generator import Generator, load_checkpoint_file, resolve_model
