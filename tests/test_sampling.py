@@ -176,3 +176,53 @@ def test_sample_cli_benchmark_protocol_with_shipped_model(tmp_path, perov_val_cs
     assert len(read(traj_dir / "trajectory.extxyz", index=":")) == 3 * 6
     bad = runner.invoke(app, ["sample", "-m", "perov_5", "-c", "SrTiO3", "--method", "rk9", "--out", str(traj_dir)])
     assert bad.exit_code != 0 and "method" in bad.output
+
+
+def test_seeds_give_independent_streams_and_none_is_random(tmp_path):
+    """Different seeds share no structures, whatever the batch size; seed=None differs on every call; the API
+    draws what `crystalign sample` draws for the same seed and batch size."""
+    import json
+
+    from pymatgen.io.cif import CifParser
+    from typer.testing import CliRunner
+
+    from crystalign.cli import app
+
+    gen = Generator.load("perov_5")
+    kw = dict(n=4, steps=6, batch_size=2)
+    a, b = gen.sample_compositions(["SrTiO3"], seed=0, **kw), gen.sample_compositions(["SrTiO3"], seed=1, **kw)
+    assert not any(x.lattice == y.lattice for x in a for y in b)
+    assert [s.lattice for s in gen.sample_compositions(["SrTiO3"], seed=0, **kw)] == [s.lattice for s in a]
+    r1, r2 = gen.sample_compositions(["SrTiO3"], seed=None, **kw), gen.sample_compositions(["SrTiO3"], seed=None, **kw)
+    assert [s.lattice for s in r1] != [s.lattice for s in r2]
+
+    res = CliRunner().invoke(app, ["sample", "-m", "perov_5", "-c", "SrTiO3", "-n", "4", "--steps", "6", "--batch-size", "2", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    files = json.loads((tmp_path / "s" / "index.json").read_text())
+    cli = [CifParser(tmp_path / "s" / f).parse_structures(primitive=False)[0] for f in files]
+    params = lambda s: [*s.lattice.abc, *s.lattice.angles]  # noqa: E731  (a CIF keeps the cell parameters, not its orientation)
+    assert all(max(abs(u - v) for u, v in zip(params(x), params(y))) < 1e-4 for x, y in zip(cli, a))
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["batch_size"] == 2
+
+
+def test_sample_cli_guards_its_output_and_inputs(tmp_path):
+    """A folder holding samples is not mixed with a new run; an interrupted run is only continued or removed on
+    purpose; 'sde' needs a denoiser; compositions the model never saw are warned about."""
+    from typer.testing import CliRunner
+
+    from crystalign.cli import app
+
+    run = lambda *args: CliRunner().invoke(app, ["sample", "-m", "perov_5", "--steps", "4", *map(str, args)])  # noqa: E731
+    out = tmp_path / "s"
+    assert run("-c", "SrTiO3", "--out", out).exit_code == 0
+    res = run("-c", "SrTiO3", "-n", "2", "--out", out)
+    assert res.exit_code != 0 and "already holds samples" in res.output
+    assert "nothing to resume" in run("-c", "SrTiO3", "--out", out, "--resume").output
+    (tmp_path / "cut" / ".sampling").mkdir(parents=True)
+    (tmp_path / "cut" / ".sampling" / "run.json").write_text("{}")
+    res = run("-c", "SrTiO3", "--out", tmp_path / "cut")
+    assert res.exit_code != 0 and "interrupted sampling run" in res.output and "--resume" in res.output
+    res = run("-c", "SrTiO3", "--method", "sde", "--out", tmp_path / "sde")
+    assert res.exit_code != 0 and "needs a model trained with a denoiser" in res.output and not (tmp_path / "sde" / "samples.json").exists()
+    res = run("-c", "PuC3", "--out", tmp_path / "pu")
+    assert res.exit_code == 0 and "PuC3: element(s) C, Pu never appear" in res.output and "4 atoms per cell" in res.output

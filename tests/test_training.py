@@ -131,3 +131,54 @@ def test_ddp_two_cpu_processes_keep_weights_identical(tmp_path, data_root):
     assert result["world_size"] == 2
     assert result["max_abs_diff"] == 0.0
     assert result["global_step"] > 0
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resume_continues_draw_for_draw(tmp_path, data_root):
+    """One epoch, then a resumed second, ends with exactly the weights of two epochs in one go: the checkpoint
+    carries the random streams (batch order, times, base samples, noise)."""
+    quick = {"validation.match_every_n_epochs": 0}
+    train(tiny_config(**quick, **{"optim.max_epochs": 2}), tmp_path / "straight", data_root=str(data_root))
+    train(tiny_config(**quick), tmp_path / "split", data_root=str(data_root))
+    train(tiny_config(**quick, **{"optim.max_epochs": 2}), tmp_path / "split", resume=True, data_root=str(data_root))
+    straight, split = _weights(tmp_path / "straight" / "last.ckpt"), _weights(tmp_path / "split" / "last.ckpt")
+    assert straight.keys() == split.keys()
+    assert all(torch.equal(straight[k], split[k]) for k in straight)
+
+
+def test_epochs_after_the_last_validation_are_checkpointed(tmp_path, data_root):
+    cfg = tiny_config(**{"validation.every_n_epochs": 2, "validation.match_every_n_epochs": 0, "optim.max_epochs": 3})
+    result = train(cfg, tmp_path / "run", data_root=str(data_root))
+    ckpt = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == result["global_step"] and ckpt["epoch"] == result["epochs"] == 3
+
+
+def test_non_finite_gradients_stop_before_the_step(tmp_path, data_root, monkeypatch):
+    """A finite loss whose gradient is not (here: d sqrt(x)/dx at 0) must not reach the weights."""
+    import crystalign.training as training
+
+    out = tmp_path / "run"
+    train(tiny_config(), out, data_root=str(data_root))
+    good = (out / "last.ckpt").read_bytes()
+    real = training.interpolant_losses
+    monkeypatch.setattr(
+        training, "interpolant_losses", lambda *a, **k: {key: v + torch.sqrt(v - v.detach()) for key, v in real(*a, **k).items()}
+    )
+    with pytest.raises(FloatingPointError, match="non-finite gradients"):
+        train(tiny_config(**{"optim.max_epochs": 3}), out, resume=True, data_root=str(data_root))
+    assert (out / "last.ckpt").read_bytes() == good
+    assert all(torch.isfinite(v).all() for v in _weights(out / "last.ckpt").values() if v.is_floating_point())
+
+
+def test_options_that_cannot_work_are_refused_before_any_work(tmp_path, data_root):
+    import importlib.util
+
+    with pytest.raises(ConfigError, match="optim.ema_decay with trainer.precision"):
+        train(tiny_config(**{"trainer.precision": "bf16-true"}), tmp_path / "a", data_root=str(data_root))
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="trainer.logger = 'wandb' needs the 'wandb' package"):
+            train(tiny_config(**{"trainer.logger": "wandb"}), tmp_path / "b", data_root=str(data_root))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -88,12 +88,10 @@ class Generator(torch.nn.Module):
 
     @torch.no_grad()
     def sample(self, template: CrystalBatch, seed: int | None = None, generator: torch.Generator | None = None, **sampler_overrides) -> CrystalBatch:
-        """New structures with the compositions (species, n_atoms) of ``template``."""
+        """New structures with the compositions (species, n_atoms) of ``template``; ``seed=None`` draws a fresh
+        seed (different structures on every call), a ``generator`` continues its stream."""
         if generator is None:
-            # on the CPU: random numbers are drawn there and moved, so a seed gives the same structures on any device
-            generator = torch.Generator()
-            if seed is not None:
-                generator.manual_seed(seed)
+            generator = _cpu_generator(seed)
         x0 = self.base_sample(template.species, template.n_atoms, generator)
         out = self.sampler(**sampler_overrides).sample(x0, generator=generator)
         return out.replace(ids=template.ids)
@@ -101,7 +99,8 @@ class Generator(torch.nn.Module):
     def sample_compositions(self, compositions: Sequence[str], n: int = 1, seed: int | None = 0, batch_size: int = 256, **sampler_overrides):
         """pymatgen Structures: ``n`` per composition, in order (composition-major)."""
         template = composition_batch(compositions, n, max_atoms=self.config.max_atoms)
-        out = [self.sample(part, seed=None if seed is None else seed + i, **sampler_overrides) for i, part in enumerate(template.split(batch_size))]
+        g = _cpu_generator(seed)  # one stream through all batches, as `crystalign sample` draws it
+        out = [self.sample(part, generator=g, **sampler_overrides) for part in template.split(batch_size)]
         return CrystalBatch.cat(out).to_structures()
 
     # ------------------------------------------------------------------ persistence
@@ -188,6 +187,17 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if path.exists():
         return path
     raise FileNotFoundError(f"unknown model {name_or_path!r}: not a shipped model ({', '.join(models) or 'none'}) nor an existing file")
+
+
+def _cpu_generator(seed: int | None) -> torch.Generator:
+    """Random numbers are drawn on the CPU and moved, so a seed gives the same structures on any device.
+    ``None``: a fresh nondeterministic seed (an unseeded torch.Generator would always start from the same one)."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
 
 
 # ---------------------------------------------------------------------- compositions

@@ -83,6 +83,12 @@ class Sampler:
         self.net = net
         self.interpolants = interpolants
         self.config = config or SamplerConfig()
+        if self.config.method == "sde" and not any(interpolants[f].uses_denoiser for f in FIELDS):
+            # without a denoiser there is no SDE to integrate: 'sde' would silently be Euler
+            raise ValueError(
+                "method 'sde' needs a model trained with a denoiser η (an SDE interpolant: `sde: true` with a "
+                "gamma); this model learned an ODE: use 'euler' or 'heun'"
+            )
 
     def _anneal(self, field: str) -> float:
         return self.config.anneal_pos if field == "pos" else self.config.anneal_cell

@@ -147,6 +147,7 @@ class GeneratorModule(L.LightningModule):
         self.generator = generator
         self.holdout = holdout
         self.ema: Generator | None = None
+        self.loader_generator: torch.Generator | None = None  # the training loader's shuffle stream, kept in checkpoints
         if config.optim.ema_decay:
             self.ema = copy.deepcopy(generator)
             self.ema.requires_grad_(False)
@@ -165,7 +166,7 @@ class GeneratorModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} "
-                f"({ {k: float(v) for k, v in losses.items()} }); the last good checkpoint is kept"
+                f"({ {k: float(v.detach()) for k, v in losses.items()} }); the last good checkpoint is kept"
             )
         bs = batch.num_structures
         self.log("train/loss", loss, prog_bar=True, batch_size=bs, on_step=False, on_epoch=True, sync_dist=True)
@@ -173,9 +174,20 @@ class GeneratorModule(L.LightningModule):
             self.log(f"train/{k}", v, batch_size=bs, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # a finite loss can still give non-finite gradients; one such step would turn every weight into NaN
+        grads = [p.grad for p in self.generator.net.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all():
+            raise FloatingPointError(
+                f"non-finite gradients at epoch {self.current_epoch}, step {self.global_step}; the step is not taken "
+                "and the last good checkpoint is kept (lower optim.lr or set optim.grad_clip)"
+            )
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
-            d = self.config.optim.ema_decay
+            # warm-up (the usual min(d, (1+n)/(10+n))): a short run's average is not dominated by the random init
+            n = self.global_step
+            d = min(self.config.optim.ema_decay, (1.0 + n) / (10.0 + n))
             with torch.no_grad():
                 for pe, p in zip(self.ema.net.parameters(), self.generator.net.parameters()):
                     pe.mul_(d).add_(p.detach(), alpha=1 - d)
@@ -213,9 +225,30 @@ class GeneratorModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, model in (("weights", self.generator), ("EMA weights", self.ema)):
+            if model is not None and not all(torch.isfinite(p).all() for p in model.net.parameters()):
+                raise FloatingPointError(
+                    f"the {name} became non-finite during epoch {self.current_epoch}; the last good checkpoint is kept"
+                )
         # the exportable model travels inside every checkpoint: config, base distribution, data hash, versions
         gen = self.ema or self.generator
         checkpoint["generator"] = gen.checkpoint_dict(extra={"provenance": self.provenance()})
+        # random streams: a resumed run draws what the uninterrupted run would have drawn next
+        checkpoint["crystalign_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+            "loader": self.loader_generator.get_state() if self.loader_generator is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("crystalign_rng")
+        if not rng:  # a checkpoint from before the random states were kept: resumes, but not draw for draw
+            return
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng["loader"] is not None and self.loader_generator is not None:
+            self.loader_generator.set_state(rng["loader"])
 
     def provenance(self) -> dict[str, Any]:
         return getattr(self, "_provenance", {})
@@ -373,6 +406,11 @@ def check_trainer_options(tc: TrainerConfig) -> None:
     """Fail before any work when Lightning rejects a hardware option; the error names it and what this machine has."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    import importlib.util
+
+    needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(tc.logger, ())
+    if needs and not any(importlib.util.find_spec(m) for m in needs):
+        raise ConfigError(f"trainer.logger = {tc.logger!r} needs the {needs[0]!r} package: pip install {needs[0]} (or use logger: csv)")
     rejected = (MisconfigurationException, ValueError, TypeError, ImportError)
     # Lightning validates these when a Trainer is built: add them one at a time to learn which one it rejects
     opts: dict[str, Any] = {}
@@ -407,6 +445,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
     from crystalign.io import check_output_dir, save_torch, write_json
 
     check_trainer_options(cfg.trainer)
+    half = str(cfg.trainer.precision) not in ("32-true", "64-true", "32", "64") and str(cfg.trainer.precision).endswith("true")
+    if cfg.optim.ema_decay and half:
+        raise ConfigError(
+            f"optim.ema_decay with trainer.precision = {cfg.trainer.precision!r}: the weight average would live in half "
+            "precision, where d·w + (1-d)·w' rounds back to w and the average never moves; use a *-mixed precision "
+            "or ema_decay: 0"
+        )
     out = Path(out_dir)
     if rank_zero_only.rank == 0:  # DDP ranks that rerun the command would race on the probe file
         check_output_dir(out)
@@ -451,6 +496,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
     ho_ds = StructureIndexDataset(holdout.to(dtype=torch.float32))
     bs = cfg.optim.batch_size
     g = torch.Generator().manual_seed(cfg.seed)
+    module.loader_generator = g
     train_loader = DataLoader(tr_ds, batch_size=bs, shuffle=True, collate_fn=tr_ds.collate, generator=g, drop_last=len(tr_ds) > bs)
     val_loader = DataLoader(ho_ds, batch_size=bs, shuffle=False, collate_fn=ho_ds.collate) if len(ho_ds) else None
 
@@ -493,7 +539,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
         deterministic=False,
     )
     t0 = time.time()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+    # ModelCheckpoint saves at validation ends: epochs after the last validation would be lost to --resume
+    trainer.save_checkpoint(str(last))
     wall = time.time() - t0
     result = {"wall_s": wall, "epochs": trainer.current_epoch, "global_step": trainer.global_step, "best": ckpt_cb.best_model_path}
     result["log_dir"] = getattr(logger, "log_dir", None) if tc.logger in ("csv", "tensorboard") else None

@@ -58,7 +58,9 @@ def train_cmd(
     try:
         result = train(cfg, out, resume=resume, data_root=str(data_root) if data_root else None, config_path=str(path))
     except FloatingPointError as err:
-        _fail(f"{err}. Last good checkpoint: {out / 'last.ckpt'}", code=3)
+        last = out / "last.ckpt"
+        where = f"Last good checkpoint: {last}" if last.exists() else "No checkpoint was written before it"
+        _fail(f"{err}. {where}", code=3)
     except (FileNotFoundError, ValueError, OutputPathError) as err:  # ValueError: ConfigError, RunFolderError
         _fail(str(err))
     typer.echo(json.dumps(result, indent=2))
@@ -102,7 +104,6 @@ def sample_cmd(
     """
     from crystalign.generator import Generator, composition_batch
     from crystalign.io import OutputPathError, check_output_dir
-    from crystalign.sampling import SamplerConfig
 
     if (composition is None) == (compositions_from is None):
         _fail("give either --composition or --compositions-from")
@@ -125,24 +126,68 @@ def sample_cmd(
             template = ref_batch.repeat_interleave(k)
             template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
         overrides = dict(steps=steps, method=method, anneal_pos=anneal_pos, anneal_cell=anneal_cell)
-        SamplerConfig(**{**vars(gen.config.sampling), **{a: b for a, b in overrides.items() if b is not None}})
+        gen.sampler(**overrides)  # checks the settings against this model (e.g. 'sde' needs a denoiser)
     except ValueError as err:
         _fail(str(err))
     try:  # before sampling, so a bad --out never costs the samples
         check_output_dir(out)
-    except OutputPathError as err:
+        check_sample_folder(out, resume)
+    except (OutputPathError, FileExistsError) as err:
         _fail(str(err))
+    warns = composition_coverage_warnings(gen, template)
+    for w in warns:
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
     try:
         result = run_sampling(
             gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides,
-            model_name=model, resume=resume,
+            model_name=model, resume=resume, extra_record={"device": str(torch_device), "coverage_warnings": warns},
         )
     except ValueError as err:
         _fail(str(err))
     except KeyboardInterrupt:
         kept = len(list((out / ".sampling").glob("batch_*.pt")))
         _fail(f"interrupted; {kept} finished batch(es) kept in {out / '.sampling'}: rerun the same command with --resume", code=130)
-    typer.echo(f"wrote {result['n']} structures to {out} ({result['wall_s']:.1f} s)")
+    typer.echo(f"wrote {result['n']} structures to {out} ({result['n_valid']} valid, {result['wall_s']:.1f} s)")
+    if result["n_valid"] < result["n"]:
+        typer.secho(
+            f"warning: {result['n'] - result['n_valid']} structure(s) fail the validity check (flat or collapsed cells, "
+            "overlapping atoms); they are written and flagged in samples.json",
+            fg=typer.colors.YELLOW, err=True,
+        )
+
+
+def check_sample_folder(out: Path, resume: bool) -> None:
+    """A new sampling run needs a folder without another run's samples (evaluate would pair stale files), and
+    the finished batches of an interrupted run are only continued or removed on purpose."""
+    if resume:
+        if (out / "samples.json").exists() and not (out / ".sampling").exists():
+            raise FileExistsError(f"{out} holds finished samples (samples.json), nothing to resume; choose another --out")
+        return
+    if (out / ".sampling" / "run.json").exists():
+        raise FileExistsError(
+            f"{out} holds an interrupted sampling run ({out / '.sampling'}): pass --resume to continue it, or delete "
+            "that folder to start over"
+        )
+    if (out / "samples.json").exists():
+        raise FileExistsError(f"{out} already holds samples (samples.json); choose another --out or delete them first")
+
+
+def composition_coverage_warnings(gen, template) -> list[str]:
+    """predict's training-coverage warnings, once per distinct composition of ``template``."""
+    from pymatgen.core import Composition, Element
+
+    from crystalign.predict import coverage_warnings
+
+    out, seen = [], set()
+    for z in template.species.split(template.n_atoms.tolist()):
+        key = tuple(sorted(z.tolist()))
+        if key in seen:
+            continue
+        seen.add(key)
+        counts = Composition({Element.from_Z(a).symbol: key.count(a) for a in set(key)})
+        formula = "".join(f"{el}{'' if c == 1 else int(c)}" for el, c in counts.items())
+        out += [f"{formula}: {w}" for w in coverage_warnings(gen, list(key))]
+    return out
 
 
 def check_device(device: str) -> torch.device:
@@ -156,7 +201,8 @@ def check_device(device: str) -> torch.device:
 
 
 def run_sampling(
-    gen, template, out: Path, seed: int, batch_size: int, trajectory: bool, overrides: dict, model_name: str, resume: bool = False
+    gen, template, out: Path, seed: int, batch_size: int, trajectory: bool, overrides: dict, model_name: str, resume: bool = False,
+    extra_record: dict | None = None,
 ) -> dict:
     """Sample in batches with a progress bar; write CIFs, one extxyz and a JSON record (all atomically).
 
@@ -191,7 +237,10 @@ def run_sampling(
         write_json(partial / "run.json", run)
     g = torch.Generator().manual_seed(seed)  # CPU draws, moved to the device: a seed means the same on any device
     parts, frames = [], []
-    for i, part in enumerate(tqdm(list(template.split(batch_size)), desc="sampling", unit="batch", disable=None)):
+    chunks = list(template.split(batch_size))
+    n_steps = gen.sampler(**overrides).config.steps - 1
+    bar = tqdm(total=len(chunks) * n_steps, desc="sampling", unit="step", disable=None)  # integration steps of all batches
+    for i, part in enumerate(chunks):
         done = partial / f"batch_{i:05d}.pt"
         if done.exists():
             kept = load_checkpoint_file(done)  # on the CPU: generator states are CPU byte tensors on every device
@@ -199,9 +248,10 @@ def run_sampling(
             res = part.replace(frac=dev(kept["frac"]), lattice=dev(kept["lattice"]))
             frames.extend(part.replace(frac=dev(f), lattice=dev(c)) for f, c in zip(kept["frames_frac"], kept["frames_lattice"]))
             g.set_state(kept["rng"])
+            bar.update(n_steps)
         else:
             x0 = gen.base_sample(part.species, part.n_atoms, g)
-            res = gen.sampler(**overrides).sample(x0, generator=g, trajectory=trajectory)
+            res = gen.sampler(**overrides).sample(x0, generator=g, trajectory=trajectory, callback=lambda k, n: bar.update(1))
             traj = []
             if trajectory:
                 res, traj = res
@@ -209,18 +259,22 @@ def run_sampling(
                               "frames_frac": [f.frac for f in traj], "frames_lattice": [f.lattice for f in traj]})
             frames.extend(traj)
         parts.append(res.replace(ids=part.ids))
+    bar.close()
     batch = CrystalBatch.cat(parts)
     record = {
         "model": model_name,
         "model_hash": gen.model_hash(),
         "seed": seed,
+        # the noise is drawn batch after batch: the same seed gives the same structures at the same batch size
+        "batch_size": batch_size,
         "sampler": sampler_cfg,
+        **(extra_record or {}),
         "wall_s": time.time() - t0,
         "command": " ".join(sys.argv),
     }
     write_structure_set(out, batch, record, trajectory=frames or None)
     shutil.rmtree(partial, ignore_errors=True)
-    return {**record, "n": batch.num_structures}
+    return {**record, "n": batch.num_structures, "n_valid": int(batch.validity().valid.sum())}
 
 
 def register(app: typer.Typer) -> None:

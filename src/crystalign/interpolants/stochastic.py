@@ -483,7 +483,7 @@ class Interpolants:
 
             pos / cell:
               path: linear | trig | encoder_decoder | mirror      # or {kind: encoder_decoder, switch_time, power}
-              periodic: false          # torus (fractional coordinates)
+              periodic: true for pos (the torus; the default), false for cell
               gamma: null | {kind: sqrt, a} | {kind: encoder_decoder, a, switch_time, power} | none
               epsilon: null | {kind: constant, c} | {kind: vanishing, c, mu, sigma}   # SDE fields only
               sde: false               # true: train a denoiser, sample with the SDE
@@ -495,8 +495,16 @@ class Interpolants:
         _reject_unknown(config, ("pos", "cell", "relative_costs"), where)
         if "pos" not in config:
             raise ConfigError(f"{where}: missing required key 'pos'")
-        pos = field_from_config(config["pos"], f"{where}.pos")
+        pos_cfg = config["pos"]
+        if isinstance(pos_cfg, Mapping):
+            pos_cfg = {"periodic": True, **pos_cfg}  # fractional coordinates live on the torus
+        pos = field_from_config(pos_cfg, f"{where}.pos")
         cell = field_from_config(config.get("cell", {"path": "linear"}), f"{where}.cell")
+        # the samplers wrap positions after every step and never the lattice: the training paths must agree
+        if not pos.periodic:
+            raise ConfigError(f"{where}.pos.periodic: must be true (fractional coordinates are periodic; samplers wrap them)")
+        if cell.periodic:
+            raise ConfigError(f"{where}.cell.periodic: must be false (lattice vectors are not periodic)")
         costs = config.get("relative_costs")
         if costs is not None and not isinstance(costs, Mapping):
             raise ConfigError(f"{where}.relative_costs: expected a mapping, got {type(costs).__name__}")
