@@ -22,6 +22,13 @@ def _one_thread():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    # draws from the global RNG must not depend on which tests ran before in the same worker
+    torch.manual_seed(0)
+    yield
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = _data_root()

@@ -100,6 +100,8 @@ def test_cli_summary_errors(tmp_path, monkeypatch):
     bad.write_text("a,b\n1,2\n")
     result = runner.invoke(app, ["data", "summary", str(bad)])
     assert result.exit_code == 1 and "no 'cif' column" in result.output
+    result = runner.invoke(app, ["data", "summary", str(bad), "--split", "test"])  # a file has no splits
+    assert result.exit_code == 1 and "--split selects a split of a named dataset" in result.output
 
 
 def test_cli_list(data_root, tmp_path):

@@ -243,6 +243,7 @@ def test_cli_end_to_end_on_real_perovskites(perov_val_csv, tmp_path, runner_app)
     assert d["rmse"] == pytest.approx(0.0, abs=1e-6) and d["timeouts"] == 0
     saved = json.loads(out.read_text())
     assert len(saved["pairs"]) == 6 and saved["pairs"][5]["valid"] is False
+    assert saved["provenance"]["reference"] == str(ref_csv) and "pymatgen" in saved["provenance"]["versions"]
 
     res = runner.invoke(runner_app, ["evaluate", str(gen_dir), "-r", str(ref_csv), "--no-progress"])
     assert res.exit_code == 0 and "match rate" in res.stdout and "83.33 %" in res.stdout
@@ -418,7 +419,9 @@ def test_cli_ctrl_c_then_resume_gives_the_uninterrupted_metrics(resume_case, tmp
     assert res.exit_code == 0, res.output
     assert f"resumed: {len(saved)} pair(s)" in res.stderr
     expected = json.loads(json.dumps(resume_case.baseline.to_dict(details=True)))
-    assert json.loads(out.read_text()) == expected
+    written = json.loads(out.read_text())
+    assert "versions" in written.pop("provenance")  # how it was run; the metrics themselves are the baseline's
+    assert written == expected
     assert json.loads(res.stdout) == json.loads(json.dumps(resume_case.baseline.to_dict()))
     assert not sidecar.exists()  # the evaluation is complete: nothing left to resume
 
@@ -500,3 +503,22 @@ def test_cli_resume_needs_out_and_an_existing_checkpoint_needs_resume(perov_val_
     assert sidecar.read_text() == "left by an interrupted run\n" and not out.exists()
     res = runner.invoke(runner_app, ["evaluate", str(ref_csv), "-r", str(ref_csv), "--out", str(out), "--resume"])
     assert res.exit_code == 2 and "not a csp_metrics checkpoint" in res.stderr and str(sidecar) in res.stderr
+
+
+def test_cli_reference_by_dataset_name(data_root, tmp_path, runner_app):
+    """`-r NAME` reads a named dataset through the data root, as `sample --compositions-from NAME` does."""
+    from crystalign.data import load_dataset
+
+    ref = load_dataset("perov_5_train_subset", data_root=data_root)
+    gen_dir = tmp_path / "gen"
+    gen_dir.mkdir()
+    for i, s in enumerate(ref.batch[:116].to_structures()):
+        (gen_dir / f"{i:06d}.cif").write_text(s.to(fmt="cif"))
+    res = CliRunner().invoke(runner_app, [
+        "evaluate", str(gen_dir), "-r", "perov_5_train_subset", "--data-root", str(data_root), "--json", "--no-progress", "--workers", "0",
+    ])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["match_rate"] == pytest.approx(1.0)
+    res = CliRunner().invoke(runner_app, ["evaluate", str(gen_dir), "-r", "perov_55", "--no-progress"])
+    flat = "".join(c for c in res.output if c not in "│ \n")  # the usage-error box wraps the message
+    assert res.exit_code != 0 and "Didyoumeanperov_5" in flat

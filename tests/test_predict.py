@@ -95,6 +95,9 @@ def test_rl_that_trips_its_guard_falls_back_to_the_base_candidates(tmp_path):
         (["SrTiO3", "--mlip-model", "no-such-7net"], "no-such-7net does not exist"),
         (["SrTiO3", "-z", "0,1"], "comma list of positive integers"),
         (["SrTi2O5", "-z", "auto"], "no multiple of SrTi2O5 (8 atoms)"),
+        (["SrTIO3"], "did you mean Ti"),
+        pytest.param(["SrTiO3", "--device", "cuda"], "CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the request is valid")),
     ],
 )
 def test_predict_bad_input(tmp_path, args, message):
@@ -163,7 +166,8 @@ def test_relaxation_reports_convergence_and_a_failure_keeps_the_unrelaxed_geomet
     from crystalign.rewards.mlip import get_backend
 
     batch = read_structures(perov_val_csv).batch[:2]
-    batch = batch.replace(frac=(batch.frac + 0.03 * torch.randn_like(batch.frac)) % 1.0)  # off the minimum
+    kick = torch.randn(batch.frac.shape, generator=torch.Generator().manual_seed(0), dtype=batch.frac.dtype)
+    batch = batch.replace(frac=(batch.frac + 0.03 * kick) % 1.0)  # off the minimum
     inner = get_backend("sevenn").ase_calculator()
 
     class FailsAfter(Calculator):
@@ -200,3 +204,12 @@ def test_relaxation_reports_convergence_and_a_failure_keeps_the_unrelaxed_geomet
     # a resumed run reads the same records back from the per-structure files
     _, again = relax_structures(batch[:1], lambda: FailsAfter(0), 100, 0.01, tmp_path / "crash", progress=False)
     assert again == records
+
+
+def test_no_valid_candidate_is_a_failure_that_says_why(tmp_path):
+    """Cells three times larger than anything the perov_5 model saw: nothing valid comes out, and predict says so
+    with a non-zero exit instead of reporting 'best nan'."""
+    res = CliRunner().invoke(app, ["predict", "SrTiO3", "-z", "3", "-n", "2", "--rl-steps", "0", "--no-relax", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 1, res.output
+    assert "Sr3Ti3O9: no valid candidate among 2" in res.output and "nan" not in res.output
+    assert (tmp_path / "p" / "report.html").exists()  # the report still shows what was sampled

@@ -95,7 +95,7 @@ def _inputs(tmp_path: Path, formula0: str = "SrTiO3") -> dict:
         history=history,
         energies_before=list(rng.normal(-7.0, 0.5, 256)) + [float("nan")],
         energies_after=list(rng.normal(-8.1, 0.3, 256)),
-        schedule={"t": t.tolist(), "pos_s": (t**0.8).tolist(), "cell_s": (t**1.2).tolist(),
+        schedule={"t": t.tolist(), "pos_s": (0.3 * t).tolist(), "cell_s": (-0.1 * t).tolist(),
                   "pos_sigma": (0.1668 * np.sqrt((1 - t) / t)).tolist()},
         structures=structures,
     )

@@ -220,6 +220,18 @@ def test_rl_sample_explicit_steps_and_early_out_check(rl_checkpoint, tmp_path):
     (tmp_path / "afile").write_text("x")
     res = runner.invoke(app, ["rl", "sample", str(rl_checkpoint), "-c", "NaCl", "--out", str(tmp_path / "afile")])
     assert_clean_error(res, "afile", "existing file")
+    # a second run into the same folder would leave the first run's files beside its own
+    res = runner.invoke(app, ["rl", "sample", str(rl_checkpoint), "-c", "KBr", "--steps", "4", "--out", str(tmp_path / "s")])
+    assert_clean_error(res, "already holds samples")
+
+
+def test_rl_sample_takes_a_dataset_name(rl_checkpoint, tmp_path, data_root):
+    res = runner.invoke(app, [
+        "rl", "sample", str(rl_checkpoint), "--compositions-from", "perov_5_train_subset", "--data-root", str(data_root),
+        "--steps", "3", "--out", str(tmp_path / "s"),
+    ])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((tmp_path / "s" / "index.json").read_text())) == 116
 
 
 def test_plot_schedule_writes_the_format_of_the_suffix(rl_checkpoint, tmp_path):

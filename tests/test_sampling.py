@@ -140,6 +140,13 @@ def test_parse_composition():
             parse_composition(bad)
     with pytest.raises(ValueError, match="maximum of 5"):
         parse_composition("SrTi2O6", max_atoms=5)
+    # pymatgen reads T and D as hydrogen isotopes: a capitalisation typo must not become "zero count" or water
+    with pytest.raises(ValueError, match="T is not an element symbol .*did you mean Ti"):
+        parse_composition("SrTIO3")
+    with pytest.raises(ValueError, match="D is not an element symbol"):
+        parse_composition("D2O")
+    with pytest.raises(ValueError, match="zero count"):
+        parse_composition("Sr0TiO3")
     with pytest.raises(ValueError, match="n must be"):
         composition_batch(["SrTiO3"], 0)
 

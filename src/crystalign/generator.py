@@ -222,6 +222,15 @@ def parse_composition(formula: str, max_atoms: int | None = None) -> list[int]:
         raise ValueError(f"composition {formula!r} has no atoms")
     # pymatgen drops elements written with a zero count (Sr0TiO3 -> TiO3); a typo must not change the query
     dropped = sorted(set(re.findall(r"[A-Z][a-z]?", text)) - {getattr(el, "symbol", str(el)) for el in comp})
+    for sym in dropped:
+        if not re.search(rf"{sym}0(?![\d.])", text):
+            # not a zero count: pymatgen read the symbol as something else (T and D as hydrogen isotopes)
+            after = re.search(rf"{sym}([A-Z])", text)
+            guess = f"{sym}{after.group(1).lower()}" if after else ""
+            from pymatgen.core.periodic_table import Element
+
+            hint = f"; did you mean {guess}?" if guess and Element.is_valid_symbol(guess) else ""
+            raise ValueError(f"composition {formula!r}: {sym} is not an element symbol this model can use{hint}")
     if dropped:
         raise ValueError(f"composition {formula!r}: element(s) {', '.join(dropped)} have a zero count; give positive counts")
     species: list[int] = []

@@ -85,6 +85,9 @@ class PredictOptions:
             raise ValueError(f"--relax-top must be >= 1, got {self.relax_top}")
         if self.relax_steps < 0:
             raise ValueError(f"--relax-steps must be >= 0, got {self.relax_steps}")
+        from crystalign.rl.loop import check_device
+
+        check_device(self.device, "--device")  # a CUDA request on a CPU-only machine fails here, not mid-run
 
 
 @dataclass
@@ -173,7 +176,7 @@ class _Stages:
                 raise ValueError(f"--resume: options differ from the interrupted run in {', '.join(changed)}; use a new --out")
             self.state = prev
         elif not resume and self.path.exists():
-            raise FileExistsError(f"{out} already holds a prediction; pass --resume to continue it or choose another --out")
+            raise FileExistsError(f"{out} already holds a prediction; pass --resume (resume=True from Python) to continue it, or choose another --out")
 
     def done(self, name: str) -> bool:
         return name in self.state["done"]
@@ -353,7 +356,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         "rl_steps": opts.rl_steps,
         "relax": opts.relax,
         "coverage_warnings": warns,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("composition", "resume")},
+        "options": {**{k: v for k, v in asdict(opts).items() if k not in ("composition", "resume")}, "out": str(out)},
         "versions": versions(),
         "command": " ".join(sys.argv) if sys.argv else "",
     }

@@ -147,8 +147,8 @@ def _style_axes(ax) -> None:
 
 
 def _schedule_figure(schedule: Mapping[str, Sequence[float]]) -> Figure | None:
-    """Panels for the time maps ``*_s`` (with the identity for reference), the noise ``*_sigma``, and any other
-    per-time series; None when there is nothing to plot."""
+    """Panels for the velocity-annealing rates ``*_s`` (the velocity is scaled by 1 + s(t); the untrained s is 0,
+    drawn for reference), the noise ``*_sigma``, and any other per-time series; None when there is nothing to plot."""
     if "t" not in schedule:
         raise ValueError(f"schedule needs a 't' grid, got keys {sorted(schedule)}")
     t = np.asarray(schedule["t"], dtype=float).reshape(-1)
@@ -168,13 +168,12 @@ def _schedule_figure(schedule: Mapping[str, Sequence[float]]) -> Figure | None:
 
     fig = _new_figure(min(3.8 * len(panels), 9.3), 3.1)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    titles = {"s": "Learned time map s(t)", "sigma": "Exploration noise σ(t)", "other": "Other schedule terms"}
+    titles = {"s": "Velocity annealing s(t)", "sigma": "Exploration noise σ(t)", "other": "Other schedule terms"}
     for ax, (name, series) in zip(axes, panels):
         for key, y in series:
             ax.plot(t, y, linewidth=2, label=key)
         if name == "s":
-            lo, hi = float(t.min()), float(t.max())
-            ax.plot([lo, hi], [lo, hi], color="#999999", linestyle="--", linewidth=1, label="identity")
+            ax.axhline(0.0, color="#999999", linestyle="--", linewidth=1, label="untrained (s = 0)")
         if name == "sigma":
             positive = np.concatenate([y[y > 0] for _, y in series]) if series else np.empty(0)
             # sigma often spans decades (large near t=0), where a linear axis hides the rest of the curve.
@@ -191,7 +190,7 @@ def plot_schedule(schedule: Mapping[str, Sequence[float]], path: str | os.PathLi
     """Plot a (learned) schedule ``{"t": [...], "pos_s": [...], "cell_s": [...], "pos_sigma": [...]}`` to a PNG,
     PDF or SVG file (by the suffix of ``path``).
 
-    Any subset of the series may be present; keys ending in ``_s`` are time maps, keys ending in ``sigma`` noise
+    Any subset of the series may be present; keys ending in ``_s`` are velocity-annealing rates, keys ending in ``sigma`` noise
     levels. Raises ValueError when there is no ``t`` or no series, a series does not match ``t`` in length, or the
     suffix is not .png, .pdf or .svg.
     """
@@ -623,8 +622,9 @@ def write_report(
                 _section(
                     "schedule",
                     "Learned schedule",
-                    "s(t) maps sampler time to model time (the dashed diagonal is the untrained identity); σ(t) is "
-                    "the exploration noise of the RL policy along the trajectory, from noise (t=0) to data (t=1).",
+                    "s(t) is the learned velocity annealing: the frozen velocity is scaled by 1 + s(t) (the dashed "
+                    "line is the untrained s = 0); σ(t) is the exploration noise of the RL policy along the trajectory, "
+                    "from noise (t=0) to data (t=1).",
                     emit(fig, "schedule.png", "learned schedule"),
                 )
             )

@@ -360,7 +360,8 @@ def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, ckpt_path: Path
         why = " (optim.max_epochs is the cosine schedule's length, restored from the checkpoint)"
     if refused:
         listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in sorted(refused))
-        allowed = ", ".join(a + "*" if a.endswith(".") else a for a in RESUME_MAY_CHANGE)
+        may = [a for a in RESUME_MAY_CHANGE if not (a == "optim.max_epochs" and cfg.optim.cosine_schedule)]
+        allowed = ", ".join(a + "*" if a.endswith(".") else a for a in may)
         raise ConfigError(
             f"--resume: the config differs from the one {ckpt_path} was trained with: {listed}{why}. "
             f"Restore these values, or start a new run in another folder. May change on resume: {allowed}"
@@ -539,7 +540,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
         deterministic=False,
     )
     t0 = time.time()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its shutdown: give callers the interrupt
+            raise KeyboardInterrupt from None
+        raise
     # ModelCheckpoint saves at validation ends: epochs after the last validation would be lost to --resume
     trainer.save_checkpoint(str(last))
     wall = time.time() - t0

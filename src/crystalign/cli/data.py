@@ -131,6 +131,10 @@ def summary_cmd(
     from crystalign.data.readers import load_dataset
     from crystalign.data.summary import format_summary, summarize
 
+    from crystalign.data.registry import is_registered
+
+    if split is not None and not is_registered(dataset):
+        raise _fail(DataError(f"--split selects a split of a named dataset; {dataset} is read as a file or folder"))
     try:
         ds = load_dataset(
             dataset, split, data_root=data_root, cache=cache, niggli=niggli, primitive=primitive, skip_bad=skip_bad

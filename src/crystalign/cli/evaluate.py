@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -42,7 +43,7 @@ Examples:
 
   crystalign evaluate samples/ -r perov_5/test.csv -k 4 --out metrics.json --resume
 
-samples/ holds 000000_00.cif, 000000_01.cif, ... (or an index.json listing the files in order);
+samples/ holds 000000_000.cif, 000000_001.cif, ... (or an index.json listing the files in order);
 sample j of reference i is file number i*k + j. With --out, finished pairs are kept in .metrics.json.partial.jsonl
 as they are matched: after an interruption, rerun the same command with --resume to match only the rest.
 """
@@ -58,7 +59,8 @@ def evaluate(
         ..., exists=True, help="Folder of CIFs (zero-padded names or index.json), an extxyz file or a CIF file."
     ),
     reference: Path = typer.Option(
-        ..., "--reference", "-r", exists=True, help="References: CSV with a 'cif' column, CIF folder, extxyz or LMDB."
+        ..., "--reference", "-r",
+        help="References: CSV with a 'cif' column, CIF folder, extxyz or LMDB, or a dataset name (as in sample --compositions-from).",
     ),
     k: Optional[int] = typer.Option(
         None, "-k", min=1, help="Samples per reference (contiguous). Default: #generated / #references."
@@ -84,11 +86,13 @@ def evaluate(
         help="METRe compares each reference with its own k samples ('samples') or with every generated structure "
         "of the same reduced composition ('any': polymorph splits such as carbon_24).",
     ),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the named datasets (for a dataset name in -r)."),
 ) -> None:
     """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs)."""
     from crystalign.cli.generate import _fail
     from crystalign.io import OutputPathError, check_output_file, write_json
     from crystalign.metrics import CheckpointError, csp_metrics
+    from crystalign.provenance import versions
 
     checkpoint = None
     if out is not None:
@@ -107,8 +111,8 @@ def evaluate(
     try:
         try:
             gen, gen_names = load_structures(generated, tolerate_unreadable=True)
-            ref, _ = load_structures(reference, tolerate_unreadable=False)
-        except (ValueError, OSError) as exc:
+            ref, _ = load_structures(reference, tolerate_unreadable=False, data_root=data_root)
+        except (ValueError, OSError) as exc:  # DataError is a ValueError
             raise typer.BadParameter(str(exc)) from exc
         unreadable = [name for s, name in zip(gen, gen_names) if s is None]
         if unreadable:
@@ -145,7 +149,10 @@ def evaluate(
         typer.echo(result.summary())
     if out is not None:
         try:
-            write_json(out, result.to_dict(details=True))
+            write_json(out, {**result.to_dict(details=True), "provenance": {
+                "generated": str(generated), "reference": str(reference), "timeout_s": timeout, "workers": workers,
+                "command": " ".join(sys.argv), "versions": versions(),
+            }})
         except OSError as exc:
             kept = f" (the matched pairs stay in {checkpoint} for --resume)" if checkpoint.exists() else ""
             typer.secho(f"error: cannot write {out}: {exc.strerror or exc}{kept}", fg=typer.colors.RED, err=True)
@@ -176,14 +183,22 @@ def _warn_composition_mismatch(result) -> None:
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def load_structures(path: Path, tolerate_unreadable: bool = False) -> tuple[list["Structure | None"], list[str]]:
+def load_structures(
+    path: Path, tolerate_unreadable: bool = False, data_root: Path | None = None
+) -> tuple[list["Structure | None"], list[str]]:
     """Structures and their names, in pairing order.
 
     Generated sets (``tolerate_unreadable=True``) keep every index: an entry that cannot be read, or
     an index.json ``null``, becomes ``None`` (counted invalid), and degenerate cells are kept for the
-    validity check to judge. References are read strictly, files through :mod:`crystalign.data.readers`.
+    validity check to judge. References are read strictly, files through :mod:`crystalign.data.readers`,
+    and may be a dataset name (looked up under ``data_root``, as everywhere).
     """
     path = Path(path)
+    if not tolerate_unreadable and not path.exists():
+        from crystalign.data import load_dataset
+
+        ds = load_dataset(str(path), data_root=str(data_root) if data_root else None)
+        return ds.batch.to_structures(), ds.ids
     if path.is_dir() and not (path / "data.mdb").exists():
         return _load_cif_folder(path, tolerate_unreadable)
     suffix = path.suffix.lower()

@@ -18,9 +18,13 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def train_cmd(
-    config: Path = typer.Argument(..., help="YAML training config (see the presets in crystalign/configs)."),
+    config: Path = typer.Argument(..., help="YAML training config or a preset name (`crystalign config list`)."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder: checkpoints, logs, model.pt (a new run needs a folder without one)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.ckpt; the config must match the run's, except e.g. --max-epochs, --max-minutes."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue from OUT/last.ckpt; the config must match the run's, except e.g. --max-minutes, and --max-epochs "
+        "unless the learning rate follows a cosine schedule (its length is fixed).",
+    ),
     devices: Optional[str] = typer.Option(None, "--devices", help="Devices per node (Lightning), e.g. 2 or 'auto'."),
     num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="Number of nodes for DDP."),
     accelerator: Optional[str] = typer.Option(None, "--accelerator", help="cpu, gpu or auto."),
@@ -57,6 +61,10 @@ def train_cmd(
         cfg.optim.max_epochs = max_epochs
     try:
         result = train(cfg, out, resume=resume, data_root=str(data_root) if data_root else None, config_path=str(path))
+    except KeyboardInterrupt:
+        last = out / "last.ckpt"
+        kept = f"the last checkpoint is {last} (written at each validation)" if last.exists() else "no checkpoint was written yet"
+        _fail(f"interrupted: {kept}; rerun the same command with --resume to continue", code=130)
     except FloatingPointError as err:
         last = out / "last.ckpt"
         where = f"Last good checkpoint: {last}" if last.exists() else "No checkpoint was written before it"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -32,6 +33,7 @@ def build_cmd(
     add_elements: bool = typer.Option(
         True, "--add-elements/--no-add-elements", help="Add approximate elemental references the references lack."
     ),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="References per saved batch (the unit --resume keeps)."),
 ) -> None:
     """Compute MLIP energies of REFERENCES and save the hull entries.
 
@@ -41,7 +43,7 @@ def build_cmd(
     import warnings
 
     from crystalign.io import OutputPathError, check_output_file
-    from crystalign.rewards.hull import build_hull
+    from crystalign.rewards.hull import build_hull, partial_path
     from crystalign.rewards.mlip import get_backend
 
     try:  # before any MLIP energy is computed, so a bad --out never costs the work
@@ -66,12 +68,19 @@ def build_cmd(
         try:
             hull = build_hull(
                 structures, mlip, ids=ids, add_elements=add_elements, out=out, progress=True, provenance=provenance,
-                resume=resume,
+                resume=resume, batch_size=batch_size,
             )
         except ValueError as err:
             _fail(str(err))
         except KeyboardInterrupt:
-            _fail("interrupted; the finished batches of energies are kept: rerun the same command with --resume", code=130)
+            partial = partial_path(out)
+            try:
+                kept = len(json.loads(partial.read_text())["batches"]) if partial.exists() else 0
+            except (ValueError, KeyError, OSError):
+                kept = 0
+            if kept:
+                _fail(f"interrupted; {kept} finished batch(es) of energies are kept in {partial}: rerun the same command with --resume", code=130)
+            _fail(f"interrupted before the first batch of {batch_size} references finished; nothing is kept (a smaller --batch-size saves more often)", code=130)
     for w in caught:
         if "hull" in str(w.message):
             typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)

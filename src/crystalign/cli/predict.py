@@ -15,7 +15,7 @@ from crystalign.predict import DEFAULT_COMPOSITION, DEFAULT_MODEL
 
 def predict_cmd(
     composition: str = typer.Argument(DEFAULT_COMPOSITION, help="Chemical formula of one cell, e.g. SrTiO3."),
-    n: int = typer.Option(32, "-n", help="Number of candidates to sample."),
+    n: int = typer.Option(32, "-n", help="Candidates to sample from the base model (per cell size), and as many from the RL policy."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Shipped model name (see `crystalign models`) or checkpoint path."),
     reward: str = typer.Option("energy", "--reward", help="Objective to steer toward; 'energy' = MLIP energy per atom."),
     backend: str = typer.Option("sevenn", "--backend", help="MLIP for energies, RL reward and relaxation: sevenn, chgnet or mace."),
@@ -70,7 +70,16 @@ def predict_cmd(
                 if issubclass(w.category, PredictWarning):
                     typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
     s = result.summary
-    typer.echo(f"\n{s['formula']}: {s['n_unique']} unique valid candidates of {s['n_candidates']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom)")
+    cells = ", ".join(s.get("cells") or [s["formula"]])
+    if not s["n_unique"]:
+        typer.secho(
+            f"\n{cells}: no valid candidate among {s['n_candidates']}: every structure failed the validity check or the "
+            f"potential's trust checks (see warnings above and {result.out_dir / 'report.html'}). Try more candidates (-n), "
+            "other cell sizes (-z), or a model trained on similar compositions.",
+            fg=typer.colors.RED, err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(f"\n{cells}: {s['n_unique']} unique valid candidates of {s['n_candidates']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom)")
     for row in result.candidates[:10]:
         relax = row.get("relax", {})
         flag = "" if relax.get("status", "converged") == "converged" else f"  ({relax['status'].replace('_', ' ')})"

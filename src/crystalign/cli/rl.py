@@ -24,7 +24,7 @@ def fit_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (no iteration is lost)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Total iterations (overrides the config; raise it to extend a run with --resume)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (overrides the config)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the named datasets of the config."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html at the end."),
 ) -> None:
     """Reinforce a base model toward a reward.
@@ -82,6 +82,9 @@ def fit_cmd(
         _fail(f"{err}. Last good checkpoint: {out / 'last.pt'}", code=3)
     except (FileNotFoundError, FileExistsError, PermissionError) as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        done = f"{trainer.iteration} iteration(s) finished, the last checkpointed in {out / 'last.pt'}" if trainer.iteration else "no iteration finished"
+        _fail(f"interrupted: {done}; rerun the same command with --resume to continue", code=130)
     if report and trainer.rank == 0:
         write_rl_report(out, trainer)
     last = history[-1] if history else {}
@@ -188,16 +191,19 @@ def schedule_of(policy, points: int = 101) -> dict:
 @app.command("sample")
 def sample_cmd(
     checkpoint: Path = typer.Argument(..., help="RL checkpoint (OUT/best.pt or OUT/last.pt of rl fit)."),
-    composition: Optional[list[str]] = typer.Option(None, "--composition", "-c"),
-    compositions_from: Optional[Path] = typer.Option(None, "--compositions-from"),
-    n: int = typer.Option(1, "-n"),
-    k: int = typer.Option(1, "-k"),
-    out: Path = typer.Option(Path("rl_samples"), "--out", "-o"),
+    composition: Optional[list[str]] = typer.Option(None, "--composition", "-c", help="Formula, e.g. SrTiO3 (repeatable)."),
+    compositions_from: Optional[Path] = typer.Option(
+        None, "--compositions-from", help="Reference file or dataset name: sample each row's composition, in row order."
+    ),
+    n: int = typer.Option(1, "-n", help="Structures per composition (with --composition)."),
+    k: int = typer.Option(1, "-k", help="Structures per reference row (with --compositions-from)."),
+    out: Path = typer.Option(Path("rl_samples"), "--out", "-o", help="Output folder (one without earlier samples)."),
     no_noise: bool = typer.Option(False, "--no-noise", help="Deterministic mean path instead of the trained stochastic policy."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Time points, >= 2 (default: as trained)."),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (with the batch size, it fixes the structures)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Structures per network batch."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the named datasets (for a dataset name in --compositions-from)."),
 ) -> None:
     """Sample the reinforced policy.
 
@@ -206,6 +212,7 @@ def sample_cmd(
     from crystalign.generator import composition_batch
     from crystalign.io import check_output_dir, write_structure_set
     from crystalign.rl.loop import check_device, load_policy
+    from crystalign.cli.generate import check_sample_folder
     from crystalign.steering import SteeredModel
 
     if (composition is None) == (compositions_from is None):
@@ -217,7 +224,8 @@ def sample_cmd(
     try:
         dev = check_device(device, "--device")
         check_output_dir(out)
-    except (ValueError, PermissionError) as err:
+        check_sample_folder(out, resume=False)
+    except (ValueError, PermissionError, FileExistsError) as err:
         _fail(str(err))
     try:
         policy, state = load_policy(checkpoint)
@@ -226,9 +234,9 @@ def sample_cmd(
         if composition:
             template = composition_batch(composition, n, max_atoms=policy.reference.config.max_atoms)
         else:
-            from crystalign.data import read_structures
+            from crystalign.data import load_dataset
 
-            ref = read_structures(compositions_from)
+            ref = load_dataset(str(compositions_from), data_root=str(data_root) if data_root else None)
             template = ref.batch.repeat_interleave(k)
             template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
     except (FileNotFoundError, ValueError) as err:

@@ -233,6 +233,11 @@ def elemental_candidates(symbol: str) -> list[tuple[str, "Structure"]]:
     return out
 
 
+def partial_path(out: str | Path) -> Path:
+    """Where ``build_hull(out=...)`` keeps finished batches of reference energies until the hull file is written."""
+    return Path(out).with_name(f".{Path(out).name}.partial.json")
+
+
 def build_hull(
     structures: Sequence["Structure"],
     backend: str | Mapping[str, Any] | MLIPBackend = "sevenn",
@@ -277,17 +282,17 @@ def build_hull(
     entries: list[HullEntry] = []
     skipped: list[str] = []
     # finished reference batches, so an interrupted build over many references loses at most one batch
-    partial_path = None if out is None else Path(out).with_name(f".{Path(out).name}.partial.json")
+    partial_file = None if out is None else partial_path(out)
     run = {
         "backend": {**mlip.identity, "dtype": str(mlip.dtype).replace("torch.", "")},
         "references_sha256": hashlib.sha256(repr([(i, s.composition.formula, s.lattice.abc) for i, s in zip(ids, structures)]).encode()).hexdigest(),
         "thresholds": dataclasses.asdict(thresholds), "min_radius_ratio": min_radius_ratio, "batch_size": batch_size,
     }
     done: dict[str, Any] = {}
-    if partial_path is not None and resume and partial_path.exists():
-        saved = json.loads(partial_path.read_text())
+    if partial_file is not None and resume and partial_file.exists():
+        saved = json.loads(partial_file.read_text())
         if saved.get("run") != run:
-            raise ValueError(f"--resume: {partial_path} was made with other references or backend settings; rebuild without --resume")
+            raise ValueError(f"--resume: {partial_file} was made with other references or backend settings; rebuild without --resume")
         done = saved["batches"]
 
     def evaluate(structs: Sequence["Structure"], names: Sequence[str], bar=None, keep: bool = False) -> list[HullEntry]:
@@ -310,15 +315,15 @@ def build_hull(
                     continue
                 comp = chunk[k].composition
                 got.append(HullEntry({el.symbol: float(a) for el, a in comp.element_composition.items()}, float(s.total_energy[k]), name))
-            if keep and partial_path is not None:
+            if keep and partial_file is not None:
                 done[str(start)] = {"entries": [dataclasses.asdict(e) for e in got[n_got:]], "skipped": skipped[n_skipped:]}
-                write_json(partial_path, {"run": run, "batches": done})
+                write_json(partial_file, {"run": run, "batches": done})
             if bar is not None:
                 bar.update(len(chunk))
         return got
 
-    if partial_path is not None and not resume:
-        partial_path.unlink(missing_ok=True)  # a new build: batches of an older one must not leak in
+    if partial_file is not None and not resume:
+        partial_file.unlink(missing_ok=True)  # a new build: batches of an older one must not leak in
     # disable=None: the bar shows on a terminal only, so logs stay clean
     with tqdm(total=len(structures), desc="MLIP energies", unit="structure", disable=None if progress else True) as bar:
         entries += evaluate(structures, ids, bar, keep=True)
@@ -346,7 +351,7 @@ def build_hull(
     hull = ReferenceHull(entries, {**mlip.identity, "dtype": str(mlip.dtype).replace("torch.", "")}, meta)
     if out is not None:
         hull.save(out)
-        partial_path.unlink(missing_ok=True)
+        partial_file.unlink(missing_ok=True)
     return hull
 
 

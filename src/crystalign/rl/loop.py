@@ -36,6 +36,7 @@ from crystalign.data.splits import DataConfig
 from crystalign.generator import Generator
 from crystalign.interpolants import FIELDS, time_grid
 from crystalign.model.cspnet import build_edges
+from crystalign.provenance import versions
 from crystalign.rl.objective import (
     field_loss_terms,
     group_advantages,
@@ -567,6 +568,7 @@ class RLTrainer:
             "data_rng": self.data_generator.get_state(),
             "reference": self.policy.reference.checkpoint_dict(),
             "reference_hash": self.reference_hash,
+            "versions": versions(),
         }
 
     def load_state(self, state: dict[str, Any], where: str = "RL checkpoint") -> None:
@@ -654,7 +656,7 @@ def check_run_dir(out_dir: str | Path, resume: bool) -> Path:
     if resume and not (out / "last.pt").exists():
         raise FileNotFoundError(f"--resume: no {out / 'last.pt'} to resume from")
     if not resume and any((out / f).exists() for f in RUN_FILES):
-        raise FileExistsError(f"{out} already holds an RL run; pass --resume to continue it or choose another --out")
+        raise FileExistsError(f"{out} already holds an RL run; pass --resume (resume=True from Python) to continue it, or choose another --out")
     return out
 
 
