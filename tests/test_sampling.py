@@ -180,6 +180,12 @@ def test_sample_cli_benchmark_protocol_with_shipped_model(tmp_path, perov_val_cs
     from ase.io import read
 
     assert len(read(traj_dir / "structures.extxyz", index=":")) == 3
+    frames = read(traj_dir / "trajectory.extxyz", index=":")
+    assert len(frames) == 3 * 6  # 6 time points per structure, x0 included
+    by_id: dict = {}
+    for f in frames:
+        by_id.setdefault(f.info["id"], []).append(f.info["step"])
+    assert by_id == {f"SrTiO3_{j}": list(range(6)) for j in range(3)}
     assert len(read(traj_dir / "trajectory.extxyz", index=":")) == 3 * 6
     bad = runner.invoke(app, ["sample", "-m", "perov_5", "-c", "SrTiO3", "--method", "rk9", "--out", str(traj_dir)])
     assert bad.exit_code != 0 and "method" in bad.output

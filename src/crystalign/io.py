@@ -126,8 +126,17 @@ def write_structure_set(out: str | os.PathLike, batch: Any, record: dict[str, An
     with atomic_path(out / "structures.extxyz") as tmp:
         ase_write(tmp, batch.to_atoms(), format="extxyz")
     if trajectory:
+        # every frame names its structure and integration step (frames come batch after batch)
+        steps_seen: Counter = Counter()
+        frames = []
+        for step_batch in trajectory:
+            frame_ids = step_batch.ids or [str(i) for i in range(step_batch.num_structures)]
+            for sid, atoms in zip(frame_ids, step_batch.to_atoms()):
+                atoms.info.update(id=sid, step=steps_seen[sid])
+                steps_seen[sid] += 1
+                frames.append(atoms)
         with atomic_path(out / "trajectory.extxyz") as tmp:
-            ase_write(tmp, [a for step in trajectory for a in step.to_atoms()], format="extxyz")
+            ase_write(tmp, frames, format="extxyz")
     write_json(out / "index.json", names)
     write_json(
         out / "samples.json",

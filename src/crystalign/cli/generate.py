@@ -265,7 +265,7 @@ def run_sampling(
                 res, traj = res
             save_torch(done, {"frac": res.frac, "lattice": res.lattice, "rng": g.get_state(),
                               "frames_frac": [f.frac for f in traj], "frames_lattice": [f.lattice for f in traj]})
-            frames.extend(traj)
+            frames.extend(f.replace(ids=part.ids) for f in traj)
         parts.append(res.replace(ids=part.ids))
     bar.close()
     batch = CrystalBatch.cat(parts)
