@@ -90,6 +90,12 @@ def test_callable_reward_skips_invalid_and_non_finite(perovskites):
     assert out.info["valid"].tolist() == [1.0, 0.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="returned 1 values for 4"):
         CallableReward(lambda ss: [0.0], name="short")(CrystalBatch.from_structures(perovskites[:4]))
+    # by default an invalid structure scores the batch's lowest valid reward: never above a valid one, even for
+    # a negative objective, where a fixed 0 would make breaking a structure the best move
+    negative = CallableReward(lambda ss: [-s.volume / len(s) for s in ss])(batch)
+    valid_scores = [-perovskites[k].volume / 5 for k in (0, 2, 3)]  # structure 1 overlaps
+    assert negative.rewards[1] == pytest.approx(min(valid_scores))
+    assert negative.rewards.max() == pytest.approx(max(valid_scores))
 
 
 # ---------------------------------------------------------------------------------------------- factory

@@ -166,6 +166,20 @@ def test_rl_config_rejects_out_of_domain_values_naming_the_key(key, value):
         RLConfig(**{key: value})
 
 
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"fields": ["pos", "cell"], "noise": {"pos": {"kind": "sqrt", "a": 0.1}}}, r"noise: no schedule for the reinforced field\(s\) \['cell'\]"),
+        ({"costs": {"pos_policy": 1.0, "cell_policy": 1.0}}, "costs.cell_policy: field 'cell' is not reinforced"),
+        ({"costs": {"pos_policy": 1.0, "pos_distillation": 0.1}}, "costs.pos_distillation: denoiser distillation belongs to the 'score' variant"),
+    ],
+)
+def test_rl_config_combinations_that_cannot_train_are_refused_up_front(changes, message):
+    """Caught when the config is read, not after the first rollout and reward (minutes with a real potential)."""
+    with pytest.raises(ValueError, match=message):
+        RLConfig(**changes)
+
+
 def test_rl_validation_config_rejects_negative_values():
     from crystalign.rl.loop import RLValidationConfig
 

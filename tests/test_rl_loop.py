@@ -4,6 +4,7 @@ resume, reward-hacking guard and 2-process distributed training."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -162,6 +163,51 @@ def test_invalid_fraction_guard_stops_run(tmp_path):
     trainer = RLTrainer(Policy(tiny_generator(), cfg), volume_reward, cfg, comps, progress=False)
     with pytest.raises(RLDivergedError, match="invalid fraction"):
         trainer.fit(tmp_path)
+
+
+def test_non_finite_rewards_never_reach_the_weights(tmp_path):
+    """A user reward that returns NaN or inf for some structures: they count as rejected and score the batch's
+    lowest reward; the group's advantages, the gradients and the weights stay finite."""
+    comps = composition_batch(["NaCl", "KBr"], 1).to(dtype=torch.float32)
+
+    def flaky(batch):
+        out = rocksalt_reward(batch)
+        out.rewards[::5] = float("nan")
+        out.rewards[1] = float("inf")
+        return out
+
+    cfg = config(iterations=2)
+    trainer = RLTrainer(Policy(tiny_generator(), cfg), flaky, cfg, comps, progress=False)
+    history = trainer.fit(tmp_path / "run")
+    assert all(math.isfinite(r["reward_mean"]) and math.isfinite(r["grad_norm"]) for r in history)
+    assert history[-1]["reward_invalid_fraction"] == pytest.approx(5 / 16)  # rows 0, 1, 5, 10, 15
+    assert all(torch.isfinite(v).all() for v in trainer.policy.trainable_state().values() if v.is_floating_point())
+
+    def broken(batch):
+        out = rocksalt_reward(batch)
+        return RewardResult(rewards=torch.full_like(out.rewards, float("nan")))
+
+    with pytest.raises(RLDivergedError, match="no finite value"):
+        RLTrainer(Policy(tiny_generator(), cfg), broken, cfg, comps, progress=False).fit(tmp_path / "broken")
+
+    def short(batch):
+        return RewardResult(rewards=rocksalt_reward(batch).rewards[:3])
+
+    with pytest.raises(ValueError, match="returned \\(3,\\) values for 16 structures"):
+        RLTrainer(Policy(tiny_generator(), cfg), short, cfg, comps, progress=False).fit(tmp_path / "short")
+
+
+def test_non_finite_gradients_stop_before_the_step(tmp_path):
+    """Fault injection: one parameter's gradient turns NaN; the update raises before the optimiser moves."""
+    comps = composition_batch(["NaCl"], 1).to(dtype=torch.float32)
+    cfg = config(iterations=1)
+    trainer = RLTrainer(Policy(tiny_generator(), cfg), rocksalt_reward, cfg, comps, progress=False)
+    before = {k: v.clone() for k, v in trainer.policy.trainable_state().items()}
+    next(p for p in trainer.policy.trainable_parameters()).register_hook(lambda g: g * float("nan"))
+    with pytest.raises(RLDivergedError, match="non-finite policy gradients"):
+        trainer.fit(tmp_path / "run")
+    assert all(torch.equal(before[k], v) for k, v in trainer.policy.trainable_state().items())
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_score_variant_needs_sde_model():

@@ -98,6 +98,16 @@ def test_steer_seed_fixes_initialisation_without_touching_the_global_rng(tmp_pat
         scale_model=str(tmp_path / "scale" / "last.pt"), steps=6, group_size=4, num_groups=1, progress=False,
     )
     assert len(scaled.history) == 1 and len(scaled.sample("SrTiO3", n=2)) == 2
+    # the frozen s(t) is saved with the scaled-velocity policy: it loads after its source run is gone
+    crystalign.steer(
+        "perov_5", volume_per_atom, "SrTiO3", iterations=1, variant="scaled_velocity", out=tmp_path / "sv",
+        scale_model=str(tmp_path / "scale" / "last.pt"), steps=6, group_size=4, num_groups=1, progress=False,
+    )
+    import shutil
+
+    shutil.rmtree(tmp_path / "scale")
+    reloaded = SteeredModel.load(tmp_path / "sv" / "last.pt")
+    assert len(reloaded.sample("SrTiO3", n=2, seed=1)) == 2
 
 
 @pytest.mark.parametrize(

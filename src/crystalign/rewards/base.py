@@ -88,6 +88,9 @@ class CallableReward:
 
     Structures failing the shared validity check are not passed to ``fn`` and get ``invalid_value``;
     non-finite outputs also get ``invalid_value`` (so a crashing user metric cannot poison RL advantages).
+    By default (``None``) that is the batch's lowest valid reward, so a broken structure never scores above a
+    valid one whatever the sign of the objective (a fixed 0 would reward breaking structures under a negative
+    objective such as -energy); with no valid structure in the batch it is 0.
 
     Example::
 
@@ -99,7 +102,7 @@ class CallableReward:
         self,
         fn: Callable[[list["Structure"]], Sequence[float]],
         name: str | None = None,
-        invalid_value: float = 0.0,
+        invalid_value: float | None = None,
         check_validity: bool = True,
         thresholds: ValidityThresholds | Mapping[str, float] | None = None,
     ) -> None:
@@ -107,7 +110,7 @@ class CallableReward:
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable").strip("<>") or "callable"
-        self.invalid_value = float(invalid_value)
+        self.invalid_value = None if invalid_value is None else float(invalid_value)
         self.check_validity = check_validity
         self.thresholds = coerce_thresholds(thresholds)
 
@@ -123,7 +126,8 @@ class CallableReward:
                 raise ValueError(f"reward {self.name!r}: fn returned {values.shape[0]} values for {idx.size} structures")
             raw[idx] = values
         ok = np.isfinite(raw)
-        rewards = np.where(ok, raw, self.invalid_value)
+        floor = self.invalid_value if self.invalid_value is not None else (float(raw[ok].min()) if ok.any() else 0.0)
+        rewards = np.where(ok, raw, floor)
         return RewardResult(as_tensor(rewards, batch), {self.name: as_tensor(raw, batch), "valid": as_tensor(ok, batch)})
 
 

@@ -41,8 +41,10 @@ def symmetry_data(batch: "CrystalBatch", symprec: float = 0.1, valid: np.ndarray
             data = None
         if data is None:
             continue
-        numbers[i] = int(data.number)
-        inversion[i] = any(np.array_equal(np.asarray(r), minus_identity) for r in data.rotations)
+        # spglib < 2.5 returns a dict, newer versions a dataclass
+        number, rotations = (data["number"], data["rotations"]) if isinstance(data, dict) else (data.number, data.rotations)
+        numbers[i] = int(number)
+        inversion[i] = any(np.array_equal(np.asarray(r), minus_identity) for r in rotations)
     return numbers, inversion
 
 

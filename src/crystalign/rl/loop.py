@@ -147,6 +147,16 @@ class RLConfig:
         # trained on a GPU still loads for sampling on a CPU-only machine
         check_device(self.device, "device", available=False)
         validate_costs(self.costs, self.normalize_costs)
+        # checked here, not after the first rollout and reward (minutes with a real potential)
+        missing_noise = [f for f in self.fields if f not in (self.noise or {})]
+        if missing_noise:
+            raise ValueError(f"noise: no schedule for the reinforced field(s) {missing_noise} (e.g. {{kind: sqrt, a: 0.1668}})")
+        for key, cost in self.costs.items():
+            field_name, _, kind = key.partition("_")
+            if cost and field_name not in self.fields:
+                raise ValueError(f"costs.{key}: field {field_name!r} is not reinforced (fields: {self.fields}); remove the cost or add the field")
+            if cost and kind == "distillation" and self.variant != "score":
+                raise ValueError(f"costs.{key}: denoiser distillation belongs to the 'score' variant, not {self.variant!r}")
 
 
 # ---------------------------------------------------------------------- the policy
@@ -329,6 +339,8 @@ class RLTrainer:
         self.compositions = compositions
         self.validation = validation
         self.progress = progress
+        if compositions.num_structures == 0:
+            raise ValueError("no compositions to train on")
         self.rank, self.world = _dist()
         if config.num_groups % self.world:
             raise ValueError(f"num_groups={config.num_groups} must be divisible by the number of processes ({self.world})")
@@ -368,7 +380,7 @@ class RLTrainer:
         traj = rollout(self.policy, template, cfg.steps, self.generator, x0=self._x0(template))
         t_roll = time.time() - t0
         result = self.reward(traj.final)
-        rewards = result.rewards.to(torch.float64)
+        rewards = checked_rewards(result, traj.final.num_structures, self.reward)
         t_reward = time.time() - t0 - t_roll
         adv = group_advantages(rewards, cfg.group_size).to(device=traj.final.device, dtype=traj.final.dtype)
         stats = self.update(traj, adv)
@@ -464,7 +476,13 @@ class RLTrainer:
                         _accumulate(sums, key, v, c)
                     count += c
                 self._allreduce_grads(params)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+                # the total norm (clipped only with grad_clip > 0); all ranks hold the same gradients, so all stop
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
+                if not torch.isfinite(grad_norm):
+                    raise RLDivergedError(
+                        f"iteration {self.iteration + 1}: non-finite policy gradients (e.g. a PPO ratio that overflowed); "
+                        "the step is not taken and the last checkpoint holds the last good policy (lower lr or raise the KL cost)"
+                    )
                 _accumulate(sums, "grad_norm", grad_norm, K)
                 self.optimizer.step()
         return {k: float(v) / max(count, 1) for k, v in sums.items()}
@@ -541,9 +559,10 @@ class RLTrainer:
             g = torch.Generator().manual_seed(10_000 + self.config.seed + self.rank)  # the same x0 every validation
             traj = rollout(self.policy, template, self.config.steps, g, store=False)
             result = self.validation_reward(traj.final)
-            row = self._monitor(traj.final, result.rewards.double(), result.info, None, template)
+            row = self._monitor(traj.final, checked_rewards(result, traj.final.num_structures, self.validation_reward), result.info, None, template)
         row = {f"val_{k}": v for k, v in row.items()}
-        return _merge_rank_rows(row, self.world) if self.world > 1 else row
+        # ranks can hold different numbers of validation compositions: weigh their means by their structures
+        return _merge_rank_rows(row, self.world, weight=template.num_structures) if self.world > 1 else row
 
     # ----------------------------------------------------------------- checkpoints
     def _gather_rank_rngs(self) -> list[torch.Tensor]:
@@ -583,7 +602,13 @@ class RLTrainer:
         self.best_val = float(state["best_val"])
         # each rank continues its own stream (rollout noise differs per rank); rank 0's where a checkpoint lacks them
         rank_rngs = state.get("rank_rngs") or []
-        self.generator.set_state(rank_rngs[self.rank] if len(rank_rngs) == self.world else state["rng"])
+        if len(rank_rngs) == self.world:
+            self.generator.set_state(rank_rngs[self.rank])
+        elif self.world == 1:
+            self.generator.set_state(state["rng"])
+        else:
+            # resumed on another number of processes: one saved stream on every rank would repeat the same draws
+            self.generator.manual_seed(self.config.seed * 1000 + self.rank + 7919 * int(state["iteration"]))
         self.data_generator.set_state(state["data_rng"])
 
     def fit(self, out_dir: str | Path, resume: bool = False, on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
@@ -714,26 +739,49 @@ def _accumulate(sums: dict[str, Any], key: str, value: Any, weight: int) -> None
     sums[key] = sums.get(key, 0.0) + value * weight
 
 
-def _merge_rank_rows(row: dict[str, Any], world: int) -> dict[str, Any]:
+def _merge_rank_rows(row: dict[str, Any], world: int, weight: float = 1.0) -> dict[str, Any]:
     """One log row for the whole batch from every rank's row (ranks hold equal shards of the GRPO groups):
-    ``*_min``/``*_max`` take the extreme, other numbers the mean over ranks (exact for means and fractions over
-    all structures; for means over valid structures only, and for ``*_std``, the mean of the ranks' values).
+    ``*_min``/``*_max`` take the extreme, other numbers the mean over ranks weighted by ``weight`` (each rank's
+    number of structures: exact for means and fractions over all structures; for means over valid structures
+    only, and for ``*_std``, the weighted mean of the ranks' values).
     Keys a rank lacks (e.g. no valid structure there) are merged over the ranks that have them; timings stay
     each rank's own."""
     rows: list[Any] = [None] * world
-    dist.all_gather_object(rows, row)
+    dist.all_gather_object(rows, {**row, "__weight": weight})
     merged = dict(row)
-    for key in dict.fromkeys(k for r in rows for k in r):  # every rank's keys, in order
+    for key in dict.fromkeys(k for r in rows for k in r if k != "__weight"):  # every rank's keys, in order
         value = next(r[key] for r in rows if key in r)
         if key.startswith("time_") or key == "iteration" or isinstance(value, bool) or not isinstance(value, (int, float)):
             merged.setdefault(key, value)
             continue
-        values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))]
-        if not values:
+        pairs = [(float(r[key]), float(r["__weight"])) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))]
+        if not pairs or sum(w for _, w in pairs) <= 0:
             merged[key] = float("nan")  # the same keys on every rank
             continue
-        merged[key] = min(values) if key.endswith("_min") else max(values) if key.endswith("_max") else sum(values) / len(values)
+        values = [v for v, _ in pairs]
+        mean = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+        merged[key] = min(values) if key.endswith("_min") else max(values) if key.endswith("_max") else mean
     return merged
+
+
+def checked_rewards(result: Any, num_structures: int, reward: Any) -> torch.Tensor:
+    """The (B,) float64 rewards of ``result``, checked: a wrong count is an error naming the reward; a non-finite
+    reward (a user metric that failed) would turn the whole group's advantages, and then every weight, into NaN:
+    it becomes the batch's lowest finite reward and the structure counts as rejected by the reward."""
+    rewards = result.rewards.to(torch.float64)
+    name = getattr(reward, "name", type(reward).__name__)
+    if rewards.shape != (num_structures,):
+        raise ValueError(f"reward {name!r} returned {tuple(rewards.shape)} values for {num_structures} structures")
+    finite = torch.isfinite(rewards)
+    if bool(finite.all()):
+        return rewards
+    if not bool(finite.any()):
+        raise RLDivergedError(f"reward {name!r} returned no finite value for the {num_structures} structures of this batch")
+    log.warning("reward %r: %d non-finite value(s) replaced by the batch's lowest reward", name, int((~finite).sum()))
+    valid = result.info.get("valid")
+    valid = torch.ones_like(rewards) if valid is None else valid.to(rewards)
+    result.info["valid"] = valid * finite.to(rewards)
+    return torch.where(finite, rewards, rewards[finite].min())
 
 
 def _select(ref: FieldOutputs, rows: torch.Tensor) -> FieldOutputs:
@@ -798,10 +846,12 @@ def load_policy(path: str | Path, map_location: str = "cpu") -> tuple[Policy, di
     except ValueError as err:  # RLConfig's own checks do not know the file
         raise ValueError(str(err) if str(err).startswith(str(path)) else f"{path}:config: {err}") from None
     reference = Generator.from_checkpoint_dict(state["reference"], where=f"{path}:reference")
-    policy = Policy(reference, config, scale_model=load_scale_model(config.scale_model))
+    # the frozen s(t) of scaled_velocity is part of the saved policy: the run it came from may be gone
+    policy = Policy(reference, config, scale_model=ScaleMLP() if config.variant == "scaled_velocity" else None)
     missing, unexpected = policy.load_state_dict(state["policy"], strict=False)
-    if unexpected:
-        raise ValueError(f"{path}: RL checkpoint does not fit its policy (unexpected {unexpected[:5]})")
+    missing = [k for k in missing if not k.startswith("reference.")]  # the reference comes from state["reference"]
+    if unexpected or missing:
+        raise ValueError(f"{path}: RL checkpoint does not fit its policy (unexpected {unexpected[:5]}, missing {missing[:5]})")
     policy.eval()
     return policy, state
 
