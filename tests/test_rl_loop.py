@@ -391,6 +391,9 @@ def test_rl_cli_fit_sample_plot(tmp_path, data_root):
     assert res.exit_code == 0, res.output
     history = json.loads((out / "history.json").read_text())
     assert [r["iteration"] for r in history] == [0, 1, 2] and "val_reward_mean" in history[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["seed"] == 0 and "torch" in summary["versions"]
+    assert summary["base_model_hash"] == Generator.load(tmp_path / "base.pt").model_hash()
     assert (out / "best.pt").exists() and (out / "report.html").exists()
     for extra in ([], ["--no-noise"]):
         dest = tmp_path / f"samples{len(extra)}"

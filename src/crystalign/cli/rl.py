@@ -85,6 +85,8 @@ def fit_cmd(
     except KeyboardInterrupt:
         done = f"{trainer.iteration} iteration(s) finished, the last checkpointed in {out / 'last.pt'}" if trainer.iteration else "no iteration finished"
         _fail(f"interrupted: {done}; rerun the same command with --resume to continue", code=130)
+    if trainer.rank == 0:
+        write_rl_summary(out, trainer, base_checkpoint)
     if report and trainer.rank == 0:
         write_rl_report(out, trainer)
     last = history[-1] if history else {}
@@ -158,6 +160,29 @@ def _validation_reward(spec, reward, hold_refs):
         inner = CompositeReward.parse_term(term_spec, name)[1] if term_spec is not None else None
         replace[name] = _validation_reward(inner, term, hold_refs)
     return reward.monitoring(replace)
+
+
+def write_rl_summary(out: Path, trainer, base_checkpoint: str) -> None:
+    """OUT/summary.json: what the run was (config, seed, base model, versions, command) and where it ended."""
+    import sys
+
+    from crystalign.config import to_dict
+    from crystalign.io import write_json
+    from crystalign.provenance import versions
+
+    last = trainer.history[-1] if trainer.history else {}
+    write_json(out / "summary.json", {
+        "config": to_dict(trainer.config),
+        "seed": trainer.config.seed,
+        "base_checkpoint": str(base_checkpoint),
+        "base_model_hash": trainer.reference_hash,
+        "iterations": trainer.iteration,
+        "best_val_reward_mean": trainer.best_val if trainer.best_val > float("-inf") else None,
+        "last": {k: v for k, v in last.items() if isinstance(v, (int, float))},
+        "checkpoints": {"last": "last.pt", "best": "best.pt"},
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+    })
 
 
 def write_rl_report(out: Path, trainer) -> None:
