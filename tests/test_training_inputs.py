@@ -19,20 +19,20 @@ from typer.testing import CliRunner
 from crystalign.cli import app
 from crystalign.config import ConfigError, load_config, to_dict
 from crystalign.training import TrainConfig
+from test_training import TINY as TRAINING_TINY
 from test_training import with_changes
 
-TINY = {
-    "seed": 0,
-    "data": {"dataset": "perov_5", "split": "val", "holdout_fraction": 0.1, "split_seed": 0, "max_structures": 64},
-    "generator": {
-        "net": {"hidden_dim": 16, "num_layers": 1, "num_freqs": 4, "time_dim": 16},
-        "interpolants": {"pos": {"path": "linear", "periodic": True, "correct_com": True}, "cell": {"path": "linear"}},
-        "sampling": {"steps": 3},
+# test_training's tiny run, smaller still: one layer, no EMA, no match-rate validation
+TINY = with_changes(
+    TRAINING_TINY,
+    **{
+        "data.max_structures": 64,
+        "generator.net": {"hidden_dim": 16, "num_layers": 1, "num_freqs": 4, "time_dim": 16},
+        "generator.sampling.steps": 3,
+        "optim.ema_decay": None,
+        "validation.match_every_n_epochs": 0,
     },
-    "optim": {"lr": 1e-3, "batch_size": 32, "max_epochs": 1},
-    "validation": {"every_n_epochs": 1, "match_every_n_epochs": 0},
-    "trainer": {"accelerator": "cpu", "devices": 1, "logger": "csv", "progress_bar": False},
-}
+)
 
 
 def write_config(path: Path, **changes) -> Path:

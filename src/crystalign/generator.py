@@ -14,7 +14,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -24,6 +24,10 @@ from crystalign.distributions import BaseDistribution
 from crystalign.interpolants import Interpolants
 from crystalign.model.cspnet import CSPNet, CSPNetConfig
 from crystalign.sampling import Sampler, SamplerConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pymatgen.core import Composition
+
 
 CHECKPOINT_FORMAT = "crystalign-generator"
 CHECKPOINT_VERSION = 1
@@ -243,6 +247,11 @@ def parse_composition(formula: str, max_atoms: int | None = None) -> list[int]:
     if max_atoms is not None and len(species) > max_atoms:
         raise ValueError(f"composition {formula!r} has {len(species)} atoms, more than this model's maximum of {max_atoms}")
     return sorted(species)
+
+
+def cell_formula(composition: "Composition") -> str:
+    """One cell's formula with its counts, in the composition's element order (``Sr2Ti2O6``, not ``Sr2 Ti2 O6``)."""
+    return "".join(f"{el}{'' if n == 1 else int(n)}" for el, n in composition.items())
 
 
 def composition_batch(compositions: Sequence[str], n: int = 1, max_atoms: int | None = None) -> CrystalBatch:

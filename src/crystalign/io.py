@@ -103,7 +103,9 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-def write_structure_set(out: str | os.PathLike, batch: Any, record: dict[str, Any], trajectory: list | None = None) -> list[str]:
+def write_structure_set(
+    out: str | os.PathLike, batch: Any, record: dict[str, Any], trajectory: list | None = None, valid: list[bool] | None = None
+) -> list[str]:
     """Generated structures as ``OUT/<id>.cif`` (one per structure), ``structures.extxyz``, ``index.json``
     (file order = pairing order for ``crystalign evaluate``) and ``samples.json`` (``record`` plus the file list,
     validity and versions). ``trajectory``: optional list of batches, written to ``trajectory.extxyz``."""
@@ -117,7 +119,8 @@ def write_structure_set(out: str | os.PathLike, batch: Any, record: dict[str, An
     repeated = [sid for sid, count in Counter(ids).items() if count > 1]
     if repeated:  # ids are file names: a repeat would silently overwrite another structure's CIF
         raise ValueError(f"duplicate structure ids {', '.join(map(str, repeated[:5]))}: each id names an output file")
-    valid = batch.validity().valid.tolist()
+    if valid is None:  # the caller may have checked already (the periodic-distance search is not free)
+        valid = batch.validity().valid.tolist()
     names = []
     structures = batch.to_structures()
     for sid, s in zip(ids, structures):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from crystalign.crystal import CrystalBatch
-from crystalign.generator import Generator, composition_batch, parse_composition
+from crystalign.generator import Generator, cell_formula, composition_batch, parse_composition
 from crystalign.io import atomic_path, check_output_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def cell_formulas(composition: str, formula_units: str, coverage: dict[str, Any]
             raise ValueError(f"--formula-units must be 'auto' or a comma list of positive integers, got {formula_units!r}") from None
         if not counts or counts[0] < 1:
             raise ValueError(f"--formula-units must be 'auto' or a comma list of positive integers, got {formula_units!r}")
-    return ["".join(f"{el}{'' if z * n == 1 else int(z * n)}" for el, n in reduced.items()) for z in counts]
+    return [cell_formula(reduced * z) for z in counts]
 
 
 # ---------------------------------------------------------------------- checks before any work
@@ -380,7 +380,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         from crystalign.rl.loop import RLDivergedError
 
         try:
-            history = _run_rl(gen, reward, opts, out / "rl", progress)
+            history = _run_rl(gen, reward, opts, cells, out / "rl", progress)
         except RLDivergedError as err:
             # e.g. a composition the model cannot make valid structures of: the base candidates still get ranked
             rl_stopped = str(err)
@@ -485,13 +485,13 @@ def _nanmean(x: np.ndarray) -> float | None:
     return float(np.nanmean(x)) if np.isfinite(x).any() else None
 
 
-def _run_rl(gen: Generator, reward, opts: PredictOptions, folder: Path, progress: bool) -> list[dict[str, Any]]:
+def _run_rl(gen: Generator, reward, opts: PredictOptions, cells: list[str], folder: Path, progress: bool) -> list[dict[str, Any]]:
     """K iterations of inference-time RL with GRPO groups drawn from the query's cells (resumable)."""
     from crystalign.steering import steer
 
     noise = {"kind": "sqrt", "a": opts.rl_noise}
     steered = steer(
-        gen, reward, cell_formulas(opts.composition, opts.formula_units, gen.coverage), iterations=opts.rl_steps, out=folder, resume=(folder / "last.pt").exists(),
+        gen, reward, cells, iterations=opts.rl_steps, out=folder, resume=(folder / "last.pt").exists(),
         device=opts.device, seed=opts.seed, progress=progress,
         variant=opts.rl_variant, fields=["pos"], steps=opts.steps, noise={"pos": noise, "cell": dict(noise)},
         group_size=opts.rl_group_size, num_groups=opts.rl_groups, ppo_epochs=1, lr=opts.rl_lr,

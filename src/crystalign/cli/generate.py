@@ -184,6 +184,7 @@ def composition_coverage_warnings(gen, template) -> list[str]:
     """predict's training-coverage warnings, once per distinct composition of ``template``."""
     from pymatgen.core import Composition, Element
 
+    from crystalign.generator import cell_formula
     from crystalign.predict import coverage_warnings
 
     out, seen = [], set()
@@ -192,8 +193,7 @@ def composition_coverage_warnings(gen, template) -> list[str]:
         if key in seen:
             continue
         seen.add(key)
-        counts = Composition({Element.from_Z(a).symbol: key.count(a) for a in set(key)})
-        formula = "".join(f"{el}{'' if c == 1 else int(c)}" for el, c in counts.items())
+        formula = cell_formula(Composition({Element.from_Z(a).symbol: key.count(a) for a in set(key)}))
         out += [f"{formula}: {w}" for w in coverage_warnings(gen, list(key))]
     return out
 
@@ -246,7 +246,8 @@ def run_sampling(
     g = torch.Generator().manual_seed(seed)  # CPU draws, moved to the device: a seed means the same on any device
     parts, frames = [], []
     chunks = list(template.split(batch_size))
-    n_steps = gen.sampler(**overrides).config.steps - 1
+    sampler = gen.sampler(**overrides)
+    n_steps = sampler.config.steps - 1
     bar = tqdm(total=len(chunks) * n_steps, desc="sampling", unit="step", disable=None)  # integration steps of all batches
     for i, part in enumerate(chunks):
         done = partial / f"batch_{i:05d}.pt"
@@ -259,7 +260,7 @@ def run_sampling(
             bar.update(n_steps)
         else:
             x0 = gen.base_sample(part.species, part.n_atoms, g)
-            res = gen.sampler(**overrides).sample(x0, generator=g, trajectory=trajectory, callback=lambda k, n: bar.update(1))
+            res = sampler.sample(x0, generator=g, trajectory=trajectory, callback=lambda k, n: bar.update(1))
             traj = []
             if trajectory:
                 res, traj = res
@@ -280,9 +281,10 @@ def run_sampling(
         "wall_s": time.time() - t0,
         "command": " ".join(sys.argv),
     }
-    write_structure_set(out, batch, record, trajectory=frames or None)
+    valid = batch.validity().valid.tolist()
+    write_structure_set(out, batch, record, trajectory=frames or None, valid=valid)
     shutil.rmtree(partial, ignore_errors=True)
-    return {**record, "n": batch.num_structures, "n_valid": int(batch.validity().valid.sum())}
+    return {**record, "n": batch.num_structures, "n_valid": sum(valid)}
 
 
 def register(app: typer.Typer) -> None:
