@@ -62,6 +62,18 @@ def test_show_checks_the_config_and_names_the_key(tmp_path, text, message):
     assert res.exit_code != 0 and message in res.output and str(path) in res.output, res.output
 
 
+def test_show_and_train_refuse_a_folder_or_binary_file_naming_it(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00")
+    for name, message in (("folder.yaml", "is a folder, not a config file"), ("bin.yaml", "not a text (UTF-8) file")):
+        res = run("show", tmp_path / name)
+        assert res.exit_code != 0 and message in res.output and name in res.output, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+        res = CliRunner().invoke(app, ["train", str(tmp_path / name), "--out", str(tmp_path / "run")])
+        assert res.exit_code != 0 and message in res.output, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+
+
 def test_show_needs_something_to_show():
     assert "--kind" in run("show").output
     assert "not found" in run("show", "no_such_preset").output

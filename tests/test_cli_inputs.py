@@ -114,6 +114,30 @@ def test_import_omatg_refuses_a_crystalign_checkpoint(tmp_path):
     assert not out.exists()
 
 
+def test_files_that_are_not_checkpoints_are_clean_errors(tmp_path):
+    """Text, JSON, a bare folder: one line naming the file, no traceback, no advice to unpickle it."""
+    (tmp_path / "text.ckpt").write_text("hello\n")  # torch's legacy unpickler raises a KeyError on this
+    (tmp_path / "spec.json").write_text('{"tensors": []}')
+    (tmp_path / "folder.ckpt").mkdir()
+    for name in ("text.ckpt", "spec.json"):
+        res = invoke("import-omatg", tmp_path / name, "--out", tmp_path / "o.pt")
+        assert_clean_error(res, name, "not a torch checkpoint", code=1)
+        assert "weights_only=False" not in res.output and "Extract the weights" not in res.output
+        assert_clean_error(invoke("sample", "-m", tmp_path / name, "-c", "SrTiO3", "--out", tmp_path / "s"), name, "not a torch checkpoint")
+    assert_clean_error(invoke("import-omatg", tmp_path / "folder.ckpt", "--out", tmp_path / "o.pt"), "is a folder, not a checkpoint file", code=1)
+    assert not (tmp_path / "o.pt").exists() and not (tmp_path / "s").exists()
+
+
+def test_import_omatg_refuses_an_unwritable_out_before_reading_the_checkpoint(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "adir").mkdir()
+    monkeypatch.setattr("crystalign.model.omatg_import.load_omatg_model", _must_not_run)
+    src = pretrained_dir() / "perov_5.pt"
+    assert_clean_error(invoke("import-omatg", src, "--out", tmp_path / "adir", "--force"), "is an existing folder", code=1)
+    assert_clean_error(invoke("import-omatg", src, "--out", tmp_path / "afile" / "x.pt"), "afile is a file, not a folder", code=1)
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
 # ---------------------------------------------------------------------------------------------- sample
 
 
@@ -136,6 +160,21 @@ def test_repeated_composition_gets_distinct_ids_and_files(tmp_path):
     with pytest.raises(ValueError, match="duplicate structure ids SrTiO3_0"):
         write_structure_set(tmp_path / "dup", composition_batch(["SrTiO3"], 2).replace(ids=["SrTiO3_0"] * 2), {})
     assert not (tmp_path / "dup" / "index.json").exists()
+
+
+@pytest.mark.parametrize(
+    "source,count,needle",
+    [
+        (["-c", "SrTiO3"], ["-k", "4"], "-k 4 applies to --compositions-from"),
+        (["--compositions-from", "REF"], ["-n", "4"], "-n 4 applies to --composition"),
+    ],
+)
+def test_sample_refuses_the_count_of_the_other_source(perov_pair, tmp_path, monkeypatch, source, count, needle):
+    """-k with --composition (or -n with --compositions-from) was silently ignored: 1 structure instead of 4."""
+    _, ref, _ = perov_pair
+    monkeypatch.setattr("crystalign.cli.generate.run_sampling", _must_not_run)
+    args = [str(ref) if a == "REF" else a for a in source]
+    assert_clean_error(invoke("sample", "-m", "perov_5", *args, *count, "--out", tmp_path / "s"), needle)
 
 
 @pytest.mark.parametrize(

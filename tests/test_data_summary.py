@@ -102,6 +102,8 @@ def test_cli_summary_errors(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "no 'cif' column" in result.output
     result = runner.invoke(app, ["data", "summary", str(bad), "--split", "test"])  # a file has no splits
     assert result.exit_code == 1 and "--split selects a split of a named dataset" in result.output
+    result = runner.invoke(app, ["data", "summary", str(bad), "--top", "-1"])  # a negative slice showed all but one
+    assert result.exit_code == 2 and "--top" in result.output
 
 
 def test_cli_list(data_root, tmp_path):

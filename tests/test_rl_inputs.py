@@ -227,6 +227,38 @@ def test_rl_sample_rejects_bad_options(rl_checkpoint, tmp_path, args, needle):
     assert not (tmp_path / "s" / "index.json").exists()
 
 
+def test_rl_sample_refuses_k_with_a_single_composition(rl_checkpoint, tmp_path):
+    res = runner.invoke(app, ["rl", "sample", str(rl_checkpoint), "-c", "NaCl", "-k", "4", "--out", str(tmp_path / "s")])
+    assert_clean_error(res, "-k 4 applies to --compositions-from")
+
+
+def test_damaged_or_foreign_rl_checkpoints_are_clean_errors(rl_checkpoint, tmp_path):
+    """rl sample and plot-schedule name the file and what is wrong with it; nothing is sampled."""
+    state = torch.load(rl_checkpoint, weights_only=True)
+    policy = dict(state["policy"])
+    name = next(k for k, v in policy.items() if v.ndim == 2)
+    policy[name] = torch.zeros(3, 3)
+    cases = {
+        "tensor.pt": (torch.zeros(3), "not a crystalign RL checkpoint (format: 'Tensor')"),
+        "list.pt": ([1, 2], "not a crystalign RL checkpoint (format: 'list')"),
+        "noref.pt": ({k: v for k, v in state.items() if k != "reference"}, "damaged RL checkpoint: no reference entry"),
+        "noconfig.pt": ({k: v for k, v in state.items() if k != "config"}, "no config entry"),
+        "shape.pt": ({**state, "policy": policy}, "does not fit its policy"),
+    }
+    for file, (obj, needle) in cases.items():
+        save_torch(tmp_path / file, obj)
+        res = runner.invoke(app, ["rl", "sample", str(tmp_path / file), "-c", "NaCl", "--out", str(tmp_path / "s")])
+        assert_clean_error(res, file, needle)
+        res = runner.invoke(app, ["rl", "plot-schedule", str(tmp_path / file), "--out", str(tmp_path / "s.png")])
+        assert_clean_error(res, file, needle)
+    assert not (tmp_path / "s" / "index.json").exists() and not (tmp_path / "s.png").exists()
+    # a checkpoint without its iteration count still samples, and records that it is unknown
+    save_torch(tmp_path / "noiter.pt", {k: v for k, v in state.items() if k != "iteration"})
+    res = runner.invoke(app, ["rl", "sample", str(tmp_path / "noiter.pt"), "-c", "NaCl", "--steps", "3", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["iteration"] is None
+
+
 def test_rl_sample_explicit_steps_and_early_out_check(rl_checkpoint, tmp_path):
     res = runner.invoke(app, ["rl", "sample", str(rl_checkpoint), "-c", "NaCl", "-n", "2", "--steps", "4", "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output

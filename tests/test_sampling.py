@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from crystalign.distributions import BaseDistribution
-from crystalign.generator import Generator, GeneratorConfig, composition_batch, load_checkpoint_file, parse_composition
+from crystalign.generator import Generator, GeneratorConfig, composition_batch, parse_composition
+from crystalign.model.checkpoint import read_checkpoint_file
 from crystalign.model.cspnet import CSPNetConfig
 
 
@@ -118,7 +119,7 @@ def test_bad_checkpoints(tmp_path):
         Generator.load(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="unknown model"):
         Generator.load(tmp_path / "missing.pt")
-    assert isinstance(load_checkpoint_file(tmp_path / "future.pt"), dict)
+    assert isinstance(read_checkpoint_file(tmp_path / "future.pt"), dict)
     # a pickle with code in it is refused with the unpickler's reason, without torch's weights_only=False advice
     import pickle
 
@@ -128,7 +129,7 @@ def test_bad_checkpoints(tmp_path):
     assert "weights_only" not in str(err.value)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "model.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint file; it holds model.pt"):
+    with pytest.raises(ValueError, match="is a folder, not a checkpoint file; it holds model.pt"):
         Generator.load(tmp_path / "run")
 
 

@@ -22,6 +22,7 @@ from crystalign.config import from_dict, to_dict
 from crystalign.crystal import MAX_ATOMIC_NUMBER, CrystalBatch
 from crystalign.distributions import BaseDistribution
 from crystalign.interpolants import Interpolants
+from crystalign.model.checkpoint import omatg_hint, read_checkpoint_file
 from crystalign.model.cspnet import CSPNet, CSPNetConfig
 from crystalign.sampling import Sampler, SamplerConfig
 
@@ -122,7 +123,8 @@ class Generator(torch.nn.Module):
     @classmethod
     def from_checkpoint_dict(cls, ckpt: dict[str, Any], where: str = "checkpoint") -> "Generator":
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{where}: not a crystalign generator checkpoint (format={ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
+            found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"{where}: not a crystalign generator checkpoint (format={found}){omatg_hint(ckpt, where)}")
         version = ckpt.get("format_version")
         if version != CHECKPOINT_VERSION:
             raise ValueError(f"{where}: checkpoint format version {version} is not supported by this crystalign (expects {CHECKPOINT_VERSION})")
@@ -139,7 +141,7 @@ class Generator(torch.nn.Module):
     def load(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu") -> "Generator":
         """Load a shipped model by name or a checkpoint file (a training checkpoint or an exported model)."""
         path = resolve_model(name_or_path)
-        ckpt = load_checkpoint_file(path, map_location)
+        ckpt = read_checkpoint_file(path, map_location)
         if "generator" in ckpt and isinstance(ckpt["generator"], dict):  # a Lightning training checkpoint
             ckpt = ckpt["generator"]
         return cls.from_checkpoint_dict(ckpt, where=str(path))
@@ -150,29 +152,6 @@ class Generator(torch.nn.Module):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
-
-
-def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True`` and a clear error for corrupted files."""
-    path = Path(path)
-    if path.is_dir():
-        inside = [p.name for p in (path / "model.pt", path / "best.pt", path / "last.ckpt") if p.is_file()]
-        hint = f"; it holds {', '.join(inside)}" if inside else ""
-        raise FileNotFoundError(f"{path}: is a folder, not a checkpoint file{hint}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a corrupt file
-        # torch's first line says what failed; the rest advises weights_only=False, which we never do for safety
-        text = str(err).strip()
-        if "WeightsUnpickler error:" in text:  # keep the reason, drop the weights_only=False advice
-            text = "unpickler: " + " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
-        first = text.splitlines()[0] if text else type(err).__name__
-        raise ValueError(
-            f"{path}: cannot read checkpoint (corrupted, truncated, or not a crystalign checkpoint; only tensors and "
-            f"plain containers are loaded, never pickled code): {first}"
-        ) from None
 
 
 def pretrained_dir() -> Path:

@@ -121,7 +121,7 @@ def summary_cmd(
     spacegroups: bool = typer.Option(True, "--spacegroups/--no-spacegroups", help="Space groups with spglib (slowest part)."),
     workers: int = typer.Option(0, "--workers", "-j", min=0, help="Processes for the space-group search (0: all cores, at most 8)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out unreadable rows instead of stopping."),
-    top: int = typer.Option(15, "--top", help="Rows shown per table (elements, space groups)."),
+    top: int = typer.Option(15, "--top", min=1, help="Rows shown per table (elements, space groups)."),
 ) -> None:
     """Summarise a dataset: sizes, elements, space groups, lattice statistics, log-normal length fit.
 

@@ -113,10 +113,7 @@ def sample_cmd(
     from crystalign.generator import Generator, composition_batch
     from crystalign.io import OutputPathError, check_output_dir
 
-    if (composition is None) == (compositions_from is None):
-        _fail("give either --composition or --compositions-from")
-    if n < 1 or k < 1:
-        _fail("-n and -k must be >= 1")
+    check_sample_counts(composition, compositions_from, n, k)
     torch_device = check_device(device)
     try:
         gen = Generator.load(model).to(torch_device)
@@ -162,6 +159,19 @@ def sample_cmd(
             "overlapping atoms); they are written and flagged in samples.json",
             fg=typer.colors.YELLOW, err=True,
         )
+
+
+def check_sample_counts(composition: str | None, compositions_from: object | None, n: int, k: int) -> None:
+    """One source of compositions, and only its own count: -n with --composition, -k with --compositions-from
+    (the other would be silently ignored, and a later `evaluate` would pair the wrong number of samples)."""
+    if (composition is None) == (compositions_from is None):
+        _fail("give either --composition or --compositions-from")
+    if n < 1 or k < 1:
+        _fail("-n and -k must be >= 1")
+    if composition is not None and k != 1:
+        _fail(f"-k {k} applies to --compositions-from; with --composition give the number of structures with -n")
+    if compositions_from is not None and n != 1:
+        _fail(f"-n {n} applies to --composition; with --compositions-from give the structures per reference row with -k")
 
 
 def check_sample_folder(out: Path, resume: bool) -> None:
@@ -224,7 +234,7 @@ def run_sampling(
     from tqdm import tqdm
 
     from crystalign.crystal import CrystalBatch
-    from crystalign.generator import load_checkpoint_file
+    from crystalign.model.checkpoint import read_checkpoint_file
     from crystalign.io import save_torch, write_json, write_structure_set
 
     t0 = time.time()
@@ -252,7 +262,7 @@ def run_sampling(
     for i, part in enumerate(chunks):
         done = partial / f"batch_{i:05d}.pt"
         if done.exists():
-            kept = load_checkpoint_file(done)  # on the CPU: generator states are CPU byte tensors on every device
+            kept = read_checkpoint_file(done)  # on the CPU: generator states are CPU byte tensors on every device
             dev = lambda x: x.to(p.device)  # noqa: E731
             res = part.replace(frac=dev(kept["frac"]), lattice=dev(kept["lattice"]))
             frames.extend(part.replace(frac=dev(f), lattice=dev(c)) for f, c in zip(kept["frames_frac"], kept["frames_lattice"]))

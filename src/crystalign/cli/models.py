@@ -28,10 +28,15 @@ def import_omatg(
     from crystalign.config import ConfigError, load_config
     from crystalign.distributions import BaseDistribution
     from crystalign.generator import Generator
-    from crystalign.io import save_torch
+    from crystalign.io import check_output_file, save_torch
     from crystalign.model.omatg_import import load_omatg_model
     from crystalign.training import TrainConfig
 
+    try:
+        check_output_file(out)
+    except (ValueError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     if out.exists() and not force:
         typer.echo(f"error: {out} exists; pass --force to overwrite it", err=True)
         raise typer.Exit(1)
@@ -46,7 +51,11 @@ def import_omatg(
     except (CheckpointError, FileNotFoundError, ConfigError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    save_torch(out, gen.checkpoint_dict(extra={"provenance": {"imported_from": src, "config": str(config)}}))
+    try:
+        save_torch(out, gen.checkpoint_dict(extra={"provenance": {"imported_from": src, "config": str(config)}}))
+    except OSError as err:  # e.g. the disk filled up: nothing partial is left behind (atomic write)
+        typer.echo(f"error: cannot write {out}: {err}", err=True)
+        raise typer.Exit(1) from None
     cfg, src = net.config.to_dict(), src
     kind = "DNG" if cfg["dng"] else "CSP"
     typer.echo(

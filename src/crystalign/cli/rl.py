@@ -34,7 +34,8 @@ def fit_cmd(
     Presets: `crystalign config list`; every key of one: `crystalign config show rl_perov_5_velocity_cpu`.
     """
     from crystalign.config import ConfigError, load_config
-    from crystalign.generator import Generator, load_checkpoint_file, resolve_model
+    from crystalign.generator import Generator, resolve_model
+    from crystalign.model.checkpoint import read_checkpoint_file
     from crystalign.data.splits import load_training_data
     from crystalign.rl.loop import (
         RLConfig, RLDivergedError, RLTrainer, check_device, check_resume, check_run_dir, coverage_summary, make_policy,
@@ -64,7 +65,7 @@ def fit_cmd(
     try:
         base = Generator.load(base_checkpoint).to(cfg.device)
         if resume:
-            check_resume(load_checkpoint_file(out / "last.pt"), cfg, base.model_hash(), where=str(out / "last.pt"))
+            check_resume(read_checkpoint_file(out / "last.pt"), cfg, base.model_hash(), where=str(out / "last.pt"))
         train, hold, _ = load_training_data(cfg.data, str(data_root) if data_root else None)
         reward, val_reward = build_rewards(cfg.reward, train, hold)
         policy = make_policy(base, cfg)
@@ -237,13 +238,10 @@ def sample_cmd(
     from crystalign.generator import composition_batch
     from crystalign.io import check_output_dir, write_structure_set
     from crystalign.rl.loop import check_device, load_policy
-    from crystalign.cli.generate import check_sample_folder
+    from crystalign.cli.generate import check_sample_counts, check_sample_folder
     from crystalign.steering import SteeredModel
 
-    if (composition is None) == (compositions_from is None):
-        _fail("give either --composition or --compositions-from")
-    if n < 1 or k < 1:
-        _fail("-n and -k must be >= 1")
+    check_sample_counts(composition, compositions_from, n, k)
     if batch_size < 1:
         _fail(f"--batch-size must be >= 1, got {batch_size}")
     try:
@@ -267,7 +265,7 @@ def sample_cmd(
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     batch = SteeredModel(policy.to(dev)).sample_batch(template, steps=steps, seed=seed, noise=not no_noise, batch_size=batch_size, progress=None).to("cpu")
-    write_structure_set(out, batch, {"checkpoint": str(checkpoint), "iteration": state["iteration"], "seed": seed, "noise": not no_noise, "steps": steps})
+    write_structure_set(out, batch, {"checkpoint": str(checkpoint), "iteration": state.get("iteration"), "seed": seed, "noise": not no_noise, "steps": steps})
     typer.echo(f"wrote {batch.num_structures} structures to {out}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ FORMAT_VERSION = 1
 _PLAIN = (str, int, float, bool, type(None))
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint file is unreadable, of the wrong kind, too new, or does not fit the model."""
 
 
@@ -86,20 +85,51 @@ def save_model_checkpoint(
     save_torch(path, payload)
 
 
-def read_checkpoint_file(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU with errors that say what is wrong."""
+def _pickles_objects(path: Path) -> bool:
+    """True if the file is a torch zip checkpoint that pickles Python classes (not just tensors and plain data)."""
+    try:
+        return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a torch zip file at all, or an old torch without the helper
+        return False
+
+
+def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that say what is wrong with the file.
+
+    Raises FileNotFoundError (no such file), :class:`PickledObjectsError` (the file pickles Python
+    objects, which are never unpickled) or :class:`CheckpointError` (a folder, or corrupted,
+    truncated, not a torch file).
+    """
     path = Path(path)
+    if path.is_dir():
+        inside = [p.name for p in (path / "model.pt", path / "best.pt", path / "last.ckpt", path / "last.pt") if p.is_file()]
+        hint = f"; it holds {', '.join(inside)}" if inside else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise PickledObjectsError(
-            f"{path} holds Python objects besides tensors and plain data, which are not loaded for safety "
-            f"({str(err).splitlines()[0]})"
-        ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(f"{path} is corrupted, truncated or not a torch checkpoint: {err}") from err
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds (KeyError, RuntimeError, ...) for a bad file
+        text = str(err).strip()
+        if "WeightsUnpickler error:" in text:  # keep the reason, drop torch's weights_only=False advice
+            text = "unpickler: " + " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+        first = text.splitlines()[0] if text else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError) and _pickles_objects(path):
+            raise PickledObjectsError(
+                f"{path} holds Python objects besides tensors and plain data, which are not loaded for safety ({first})"
+            ) from err
+        raise CheckpointError(
+            f"{path} is corrupted, truncated or not a torch checkpoint (only tensors and plain data are loaded, "
+            f"never pickled code): {first}"
+        ) from None
+
+
+def omatg_hint(ckpt: Any, path: str | os.PathLike) -> str:
+    """A pointer to ``import-omatg`` when a checkpoint that is not ours holds the authors' network weights."""
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if isinstance(state, dict) and any(str(k).startswith("model.encoder.") for k in state):
+        return f"; it looks like an OMatG Lightning checkpoint: convert it with `crystalign import-omatg {path} --out OUT.pt`"
+    return ""
 
 
 def load_model_checkpoint(
@@ -110,12 +140,8 @@ def load_model_checkpoint(
     path = Path(path)
     ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        hint = ""
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
-            if any(str(k).startswith("model.encoder.") for k in ckpt["state_dict"]):
-                hint = f"; it looks like an OMatG Lightning checkpoint: convert it with `crystalign import-omatg {path} --out OUT.pt`"
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format: {found!r}){hint}")
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format: {found!r}){omatg_hint(ckpt, path)}")
     version = ckpt.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path}: invalid format_version {version!r}")

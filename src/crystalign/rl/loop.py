@@ -617,12 +617,12 @@ class RLTrainer:
 
         from crystalign.io import save_torch, write_json
 
-        from crystalign.generator import load_checkpoint_file
+        from crystalign.model.checkpoint import read_checkpoint_file
 
         out = check_run_dir(out_dir, resume)
         last = out / "last.pt"
         if resume:
-            self.load_state(load_checkpoint_file(last), where=str(last))
+            self.load_state(read_checkpoint_file(last), where=str(last))
         vc = self.config.validation
         if vc.every and self.iteration == 0 and not self.history:
             # the untrained policy (stochastic, as it will be trained): the baseline of every validation curve
@@ -836,11 +836,8 @@ def duplicate_fraction(final: CrystalBatch, group_size: int, valid: torch.Tensor
 def load_policy(path: str | Path, map_location: str = "cpu") -> tuple[Policy, dict[str, Any]]:
     """Rebuild the reinforced policy (and its frozen reference) from an RL checkpoint."""
     from crystalign.config import from_dict
-    from crystalign.generator import load_checkpoint_file
 
-    state = load_checkpoint_file(path, map_location)
-    if state.get("format") != "crystalign-rl":
-        raise ValueError(f"{path}: not a crystalign RL checkpoint")
+    state = read_rl_checkpoint(path, map_location)
     try:
         config = from_dict(RLConfig, state["config"], where=f"{path}:config")
     except ValueError as err:  # RLConfig's own checks do not know the file
@@ -848,12 +845,29 @@ def load_policy(path: str | Path, map_location: str = "cpu") -> tuple[Policy, di
     reference = Generator.from_checkpoint_dict(state["reference"], where=f"{path}:reference")
     # the frozen s(t) of scaled_velocity is part of the saved policy: the run it came from may be gone
     policy = Policy(reference, config, scale_model=ScaleMLP() if config.variant == "scaled_velocity" else None)
-    missing, unexpected = policy.load_state_dict(state["policy"], strict=False)
+    try:
+        missing, unexpected = policy.load_state_dict(state["policy"], strict=False)
+    except RuntimeError as err:  # wrong shapes: a damaged file, or one from another network size
+        raise ValueError(f"{path}: RL checkpoint does not fit its policy: {str(err).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.startswith("reference.")]  # the reference comes from state["reference"]
     if unexpected or missing:
         raise ValueError(f"{path}: RL checkpoint does not fit its policy (unexpected {unexpected[:5]}, missing {missing[:5]})")
     policy.eval()
     return policy, state
+
+
+def read_rl_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    """The contents of an RL checkpoint written by :class:`RLTrainer`, checked to be one."""
+    from crystalign.model.checkpoint import read_checkpoint_file
+
+    state = read_checkpoint_file(path, map_location)
+    if not isinstance(state, dict) or state.get("format") != "crystalign-rl":
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not a crystalign RL checkpoint (format: {found!r})")
+    missing = [k for k in ("config", "reference", "policy") if not isinstance(state.get(k), dict)]
+    if missing:
+        raise ValueError(f"{path}: damaged RL checkpoint: no {', '.join(missing)} entry")
+    return state
 
 
 def make_policy(reference: Generator, config: RLConfig) -> Policy:
@@ -868,9 +882,7 @@ def load_scale_model(path: str | None) -> ScaleMLP | None:
     """A frozen pre-learned s(t) (for ``scaled_velocity``) from a velocity-annealing RL checkpoint."""
     if not path:
         return None
-    from crystalign.generator import load_checkpoint_file
-
-    state = load_checkpoint_file(path)
+    state = read_rl_checkpoint(path)
     model = ScaleMLP()
     weights = {k.removeprefix("scale."): v for k, v in state["policy"].items() if k.startswith("scale.")}
     if not weights:
