@@ -289,10 +289,9 @@ def test_hull_file_errors_name_the_file_and_entry(tmp_path):
         ReferenceHull.load(bad)
 
 
-def test_hull_build_unknown_reference_format_names_file_and_formats(tmp_path, monkeypatch):
+def test_hull_build_unknown_reference_format_names_file_and_formats(tmp_path):
     junk = tmp_path / "random.pt"
     junk.write_bytes(bytes(range(256)) * 8)
-    monkeypatch.setattr("crystalign.rewards.mlip.get_backend", _must_not_run)
     res = invoke("hull", "build", junk, "--out", tmp_path / "h.json")
     assert_clean_error(res, "random.pt", "unknown file type", "CSV with a 'cif' column", ".extxyz")
 

@@ -101,10 +101,20 @@ def test_rl_that_trips_its_guard_falls_back_to_the_base_candidates(tmp_path):
     ],
 )
 def test_predict_bad_input(tmp_path, args, message):
-    res = CliRunner().invoke(app, ["predict", *args, "--out", str(tmp_path / "p")])
+    res = CliRunner().invoke(app, ["predict", *args, "--out", str(tmp_path / "deep" / "er" / "p")])
     assert res.exit_code != 0
     assert message in res.output
-    assert not (tmp_path / "p").exists()  # a refused query leaves no empty folder behind
+    assert not (tmp_path / "deep").exists()  # a refused query leaves no empty folders behind
+
+
+def test_multi_fidelity_mlip_takes_its_modal(tmp_path):
+    args = ["predict", "SrTiO3", "-n", "2", "--rl-steps", "0", "--steps", "3", "--no-relax", "--mlip-model", "7net-mf-0"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "none")])
+    assert res.exit_code != 0 and "needs modal= one of ['PBE', 'R2SCAN'] (--modal on the command line)" in res.output
+    res = CliRunner().invoke(app, [*args, "--modal", "PBE", "--out", str(tmp_path / "pbe")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "pbe" / "summary.json").read_text())
+    assert summary["options"]["mlip_modal"] == "PBE" and summary["n_candidates"] == 2
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path):

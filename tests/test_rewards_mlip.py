@@ -161,6 +161,53 @@ def test_backend_errors_are_clear():
         get_backend("chgnet", dtype="float64")
 
 
+def test_model_files_load_and_bad_ones_are_named(tmp_path):
+    """A backend's own weights given as a file load like its name; a damaged file, a folder or an unknown name is
+    an MLIPLoadError naming it (not a traceback from deep inside torch.load)."""
+    from pathlib import Path
+
+    from sevenn.util import pretrained_name_to_path
+
+    from crystalign.rewards.mlip import CHGNetBackend, MLIPLoadError, SevenNetBackend
+
+    pytest.importorskip("chgnet", reason="the chgnet extra is not installed")
+    import chgnet.model.model as chgnet_model
+
+    atoms = CrystalBatch.from_structures([nacl()]).to_atoms()
+    cases = [
+        (SevenNetBackend, "7net-0", Path(pretrained_name_to_path("7net-0"))),
+        (CHGNetBackend, "0.3.0", next((Path(chgnet_model.module_dir).parent / "pretrained" / "0.3.0").glob("*.pth.tar"))),
+    ]
+    for cls, name, file in cases:
+        kind = cls.__name__.removesuffix("Backend")
+        by_file = cls(model=str(file), device="cpu").energies(atoms)
+        np.testing.assert_allclose(by_file, cls(model=name, device="cpu").energies(atoms), rtol=0, atol=1e-6)
+        damaged = tmp_path / f"{kind}.pth"
+        damaged.write_bytes(file.read_bytes()[:4096])
+        with pytest.raises(MLIPLoadError, match=rf"{kind} model file '{damaged}' could not be loaded"):
+            cls(model=str(damaged), device="cpu").load()
+        with pytest.raises(MLIPLoadError, match="is a folder, not a model file"):
+            cls(model=str(tmp_path), device="cpu").load()
+    with pytest.raises(MLIPLoadError, match="neither a file nor one of the shipped models 0.3.0, 0.2.0, r2scan"):
+        CHGNetBackend(model="0.4.0", device="cpu").load()
+
+
+def test_exploded_cells_are_not_evaluated(sevenn):
+    """Two atoms thousands of Å apart: CHGNet's neighbour search asked for 126 GB; such a cell is invalid with a
+    reason and never reaches the MLIP, and the rest of the batch is scored."""
+    from crystalign.rewards.energy import MIN_NUMBER_DENSITY, screened_energies
+
+    exploded = Structure(Lattice.cubic(5000.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert 2 / exploded.volume < MIN_NUMBER_DENSITY
+    counting = CountingBackend(sevenn)
+    batch = CrystalBatch.from_structures([nacl(), exploded])
+    screened = screened_energies(batch, counting)
+    assert counting.seen == [len(nacl())]
+    assert screened.valid.tolist() == [True, False] and screened.dilute.tolist() == [False, True]
+    assert screened.reasons()[1].startswith("too dilute")
+    assert -6.0 < screened.energy_per_atom[0] < -2.0
+
+
 # ---------------------------------------------------------------------------------------------- hull
 
 

@@ -55,6 +55,8 @@ class PredictOptions:
     model: str = DEFAULT_MODEL
     backend: str = "sevenn"
     mlip_model: str | None = None
+    #: fidelity of a multi-fidelity SevenNet model (e.g. PBE or R2SCAN for 7net-mf-0)
+    mlip_modal: str | None = None
     rl_steps: int = 20
     rl_variant: str = "velocity"
     rl_group_size: int = 8
@@ -306,6 +308,13 @@ def _spacegroup(structure) -> str:
 
 
 # ---------------------------------------------------------------------- the pipeline
+def default_out_dir(composition: str) -> Path:
+    """Where :func:`predict` writes without ``out``: ``predictions/<reduced formula>``."""
+    from pymatgen.core import Composition
+
+    return Path("predictions") / Composition(composition).reduced_formula
+
+
 def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **options: Any) -> PredictResult:
     """Predict likely low-energy structures of ``composition``; see :class:`PredictOptions` for options."""
     from crystalign.rewards import EnergyReward
@@ -320,22 +329,27 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     from pymatgen.core import Composition
 
     formula = Composition(opts.composition).reduced_formula
-    out = Path(opts.out or f"predictions/{formula}")
-    created = not out.exists()
+    out = Path(opts.out) if opts.out else default_out_dir(opts.composition)
+    # the top-most folder this call creates: a refused query removes it again
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     check_output_dir(out)
     try:
         stages = _Stages(out, opts, opts.resume)
         gen = Generator.load(opts.model).to(opts.device)
         cells = cell_formulas(opts.composition, opts.formula_units, gen.coverage)
         cell_species = [parse_composition(cell, max_atoms=gen.config.max_atoms) for cell in cells]
-        backend = get_backend(opts.backend, model=opts.mlip_model).load()
+        backend = get_backend(opts.backend, model=opts.mlip_model, modal=opts.mlip_modal).load()
         check_supported = getattr(backend, "check_elements", None)
         if check_supported is not None:
             check_supported(cell_species[0])
     except BaseException:
-        # a refused query leaves no trace: remove the folder this call created while still empty
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        # a refused query leaves no trace: remove the folders this call created while still empty
+        folder = out
+        while created is not None and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            if folder == created:
+                break
+            folder = folder.parent
         raise
     warns = [f"{cell}: {w}" for cell, sp in zip(cells, cell_species) for w in coverage_warnings(gen, sp)]
     for w in warns:

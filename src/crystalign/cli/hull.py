@@ -23,7 +23,9 @@ def build_cmd(
     ),
     out: Path = typer.Option(Path("hull.json"), "--out", "-o", help="Hull file to write (JSON)."),
     backend: str = typer.Option("sevenn", "--backend", "-b", help="MLIP backend: sevenn, chgnet or mace."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name or file (default: the backend's own)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Model name or file (default: the backend's own); a file is read by its package's loader, which unpickles it: only files you trust."
+    ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or float64 (default: the backend's own)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted build from its finished batches."),
@@ -50,15 +52,15 @@ def build_cmd(
         check_output_file(out)
     except OutputPathError as err:
         _fail(str(err))
+    try:  # a bad model fails now, not after every reference has been read
+        mlip = get_backend(backend, model=model, device=device, dtype=dtype, modal=modal).load()
+    except (ValueError, ImportError, FileNotFoundError, RuntimeError) as err:
+        _fail(str(err))
     structures, ids = [], []
     for path in references:
         got, got_ids = _read_references(path)
         structures += got
         ids += got_ids
-    try:
-        mlip = get_backend(backend, model=model, device=device, dtype=dtype, modal=modal)
-    except (ValueError, ImportError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
     if not structures:
         _fail("no reference structures could be read")
     typer.echo(f"{len(structures)} reference structures; backend {mlip!r}")

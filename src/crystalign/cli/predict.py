@@ -20,7 +20,12 @@ def predict_cmd(
     reward: str = typer.Option("energy", "--reward", help="Objective to steer toward; 'energy' = MLIP energy per atom."),
     backend: str = typer.Option("sevenn", "--backend", help="MLIP for energies, RL reward and relaxation: sevenn, chgnet or mace."),
     mlip_model: Optional[str] = typer.Option(
-        None, "--mlip-model", help="The backend's model name or file (default: SevenNet-0, CHGNet 0.3.0, MACE medium-mpa-0)."
+        None, "--mlip-model",
+        help="The backend's model name or file (default: SevenNet-0, CHGNet 0.3.0, MACE medium-mpa-0). A file is read by "
+        "its package's own loader, which unpickles it: use only files from sources you trust.",
+    ),
+    modal: Optional[str] = typer.Option(
+        None, "--modal", help="Fidelity of a multi-fidelity SevenNet model, e.g. PBE or R2SCAN for --mlip-model 7net-mf-0."
     ),
     rl_steps: int = typer.Option(20, "--rl-steps", help="Iterations of inference-time RL on this composition (0 = base model only)."),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
@@ -46,7 +51,7 @@ def predict_cmd(
       crystalign predict C --model carbon_24 -z auto -n 16     # cells of 6 to 24 carbon atoms
       crystalign predict BaTiO3 --backend mace --mlip-model mace-mpa-0-medium.model   # a local MACE file
     """
-    from crystalign.predict import PredictWarning, predict
+    from crystalign.predict import PredictWarning, default_out_dir, predict
     from crystalign.rewards.mlip import MLIPLoadError
 
     if reward != "energy":
@@ -55,12 +60,12 @@ def predict_cmd(
         warnings.simplefilter("always", PredictWarning)
         try:
             result = predict(
-                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
+                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
                 steps=steps, formula_units=formula_units, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
         except KeyboardInterrupt:
-            where = out or "the output folder"
+            where = out or default_out_dir(composition)
             typer.secho(f"interrupted: finished stages are saved in {where}; rerun with --resume to continue", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(130)
         except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError, MLIPLoadError) as err:

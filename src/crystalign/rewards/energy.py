@@ -63,6 +63,10 @@ MAX_ENERGY_PER_ATOM = 20.0
 #: atoms/Å^3; the densest solids are ~0.18 (diamond). Denser cells pass the validity check but blow up MLIP
 #: neighbour lists (CHGNet took a minute on 8 atoms at 2/Å^3) and give garbage, so they are not evaluated.
 MAX_NUMBER_DENSITY = 0.5
+#: atoms/Å^3; the sparsest solids are ~0.01 and the 10 Å boxes of hull dimers 0.002. Sparser cells (an exploded
+#: structure, two atoms thousands of Å apart) make neighbour searches sized by the cell explode (CHGNet asked
+#: for 126 GB), so they are not evaluated either.
+MIN_NUMBER_DENSITY = 1e-4
 #: min over pairs of d_ij / (r_cov,i + r_cov,j) below which an MLIP energy is not trusted. Measured smallest real
 #: values: 0.69 (perov_5), 0.76 (mp_20 sample); a Cl moved to 0.60 Å from a Na in NaCl gives 0.36.
 MIN_RADIUS_RATIO = 0.5
@@ -81,7 +85,7 @@ class ScreenedEnergies:
     """Per-structure results of :func:`screened_energies` (numpy, length B).
 
     A structure is ``valid`` when it passes, in order: the shared validity check (``geometry_ok``), the contact
-    trust check (``contact_ok``), the density limit (``dense`` False) and the energy guard (``energy_ok``);
+    trust check (``contact_ok``), the density limits (``dense`` and ``dilute`` False) and the energy guard (``energy_ok``);
     :meth:`reasons` says which failed and by how much.
     """
 
@@ -92,6 +96,7 @@ class ScreenedEnergies:
     contact_ok: np.ndarray  # passed the contact trust check (min d_ij / (r_i + r_j) >= min_radius_ratio)
     radius_ratio: np.ndarray  # min d_ij / (r_cov,i + r_cov,j); NaN where not computed (geometry-invalid)
     dense: np.ndarray  # denser than max_number_density atoms/Å^3, so not evaluated
+    dilute: np.ndarray  # sparser than MIN_NUMBER_DENSITY atoms/Å^3, so not evaluated
     raw_energy_per_atom: np.ndarray  # E/atom as the MLIP returned it (NaN where not evaluated)
     report: ValidityReport
     thresholds: ValidityThresholds
@@ -129,6 +134,8 @@ class ScreenedEnergies:
                 )
             elif self.dense[i]:
                 out.append(f"too dense: more than {limits.get('max_number_density')} atoms/Å^3, not evaluated")
+            elif self.dilute[i]:
+                out.append(f"too dilute: fewer than {limits.get('min_number_density')} atoms/Å^3, not evaluated")
             elif not np.isfinite(self.raw_energy_per_atom[i]):
                 out.append("energy: the MLIP could not evaluate it (non-finite energy)")
             else:
@@ -155,7 +162,7 @@ def screened_energies(
     ``min_radius_ratio`` × (r_cov,i + r_cov,j) is not evaluated and is invalid (``contact_ok`` False); None or 0
     switches the trust check off. Structures denser than ``max_number_density`` atoms/Å^3 pass the validity
     check but are not evaluated (``energy_ok`` False): their neighbour lists explode and their energies are
-    meaningless.
+    meaningless; so are structures sparser than :data:`MIN_NUMBER_DENSITY`.
     """
     min_radius_ratio = _check_ratio(min_radius_ratio)
     report = batch.validity(thresholds)
@@ -163,7 +170,8 @@ def screened_energies(
     b = batch.num_structures
     n = batch.n_atoms.cpu().numpy().astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        dense = n / report.volume.detach().cpu().double().numpy() > max_number_density
+        density = n / report.volume.detach().cpu().double().numpy()
+    dense, dilute = density > max_number_density, density < MIN_NUMBER_DENSITY
     ratio = np.full(b, np.nan)
     contact_ok = geometry_ok.copy()
     g_idx = np.flatnonzero(geometry_ok)
@@ -172,7 +180,7 @@ def screened_energies(
         if min_radius_ratio:
             contact_ok[g_idx] = ratio[g_idx] >= min_radius_ratio
     total = np.full(b, np.nan)
-    idx = np.flatnonzero(contact_ok & ~dense)
+    idx = np.flatnonzero(contact_ok & ~dense & ~dilute)
     if idx.size:
         sub = batch[torch.as_tensor(idx, device=batch.device)]
         energies = np.asarray(backend.energies(sub.to_atoms()), dtype=np.float64).reshape(-1)
@@ -191,12 +199,14 @@ def screened_energies(
         contact_ok=contact_ok,
         radius_ratio=ratio,
         dense=geometry_ok & dense,
+        dilute=geometry_ok & dilute,
         raw_energy_per_atom=per_atom,
         report=report,
         thresholds=thresholds,
         limits={
             "min_radius_ratio": min_radius_ratio,
             "max_number_density": max_number_density,
+            "min_number_density": MIN_NUMBER_DENSITY,
             "min_energy_per_atom": min_energy_per_atom,
             "max_energy_per_atom": max_energy_per_atom,
         },

@@ -48,6 +48,16 @@ class MLIPLoadError(RuntimeError):
     """A potential's weights could not be loaded (a named model that must be downloaded, offline)."""
 
 
+def load_error(kind: str, model: str, err: BaseException) -> MLIPLoadError:
+    """A one-line :class:`MLIPLoadError` naming the model (file) and what went wrong deep inside its library."""
+    path = Path(model)
+    if path.is_dir():
+        return MLIPLoadError(f"{kind} model {model} is a folder, not a model file")
+    first = (str(err).strip().splitlines() or [""])[0]
+    what = "model file" if path.is_file() else "model"
+    return MLIPLoadError(f"{kind} {what} {model!r} could not be loaded: {type(err).__name__}: {first}")
+
+
 #: what evaluating a structure can raise without the model being unusable (out-of-memory is a RuntimeError)
 EVALUATION_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
 
@@ -240,7 +250,10 @@ class SevenNetBackend(MLIPBackend):
                     warnings.filterwarnings("ignore", message="No tensor product accelerator")
                     from sevenn.calculator import SevenNetCalculator
 
-                    self._calc = SevenNetCalculator(self.model, device=self.device, modal=self.modal)
+                    try:
+                        self._calc = SevenNetCalculator(self.model, device=self.device, modal=self.modal)
+                    except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside torch.load
+                        raise load_error("SevenNet", self.model, err) from err
                 return
             with warnings.catch_warnings():
                 # sevenn/e3nn use torch.jit.script at import and build time, deprecated in recent torch
@@ -249,15 +262,18 @@ class SevenNetBackend(MLIPBackend):
                 import sevenn.atom_graph_data  # noqa: F401  (pulls in torch_geometric)
                 from sevenn.util import load_checkpoint
 
-                cp = load_checkpoint(self.model)
-                net = cp.build_model()
+                try:
+                    cp = load_checkpoint(self.model)
+                    net = cp.build_model()
+                except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside torch.load
+                    raise load_error("SevenNet", self.model, err) from err
             # energy only: forces/stress come from autograd through this module, the costly part
             net.delete_module_by_key("force_output")
             net.key_grad = None
             if net.modal_map:
                 if self.modal not in net.modal_map:
                     raise ValueError(
-                        f"SevenNet model {self.model!r} needs modal= one of {sorted(net.modal_map)}, got {self.modal!r} "
+                        f"SevenNet model {self.model!r} needs modal= one of {sorted(net.modal_map)} (--modal on the command line), got {self.modal!r} "
                         "(if it came from a hull file, the file predates crystalign recording the modal: rebuild it)"
                     )
                 net.prepare_modal_deploy(self.modal)
@@ -349,6 +365,8 @@ class CHGNetBackend(MLIPBackend):
 
     #: CHGNet's element embedding covers Z = 1..94
     MAX_Z = 94
+    #: the models whose weights ship in the chgnet wheel (``CHGNet.load``); anything else must be a file
+    NAMED_MODELS = ("0.3.0", "0.2.0", "r2scan")
 
     def __init__(
         self,
@@ -382,8 +400,16 @@ class CHGNetBackend(MLIPBackend):
             if self._net is None:
                 from chgnet.model import CHGNet
 
-                self._net = CHGNet.load(model_name=self.model, use_device=str(self.device), verbose=False)
-                self._net.eval()
+                try:
+                    if Path(self.model).is_file():
+                        net = CHGNet.from_file(self.model).to(self.device)
+                    elif self.model in self.NAMED_MODELS:
+                        net = CHGNet.load(model_name=self.model, use_device=str(self.device), verbose=False)
+                    else:
+                        raise ValueError(f"neither a file nor one of the shipped models {', '.join(self.NAMED_MODELS)}")
+                except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside torch.load
+                    raise load_error("CHGNet", self.model, err) from err
+                self._net = net.eval()
         return self._net
 
     def energies(self, atoms_list: Sequence["Atoms"]) -> np.ndarray:
@@ -398,7 +424,7 @@ class CHGNetBackend(MLIPBackend):
             try:
                 graphs.append(net.graph_converter(AseAtomsAdaptor.get_structure(atoms)))
                 idx.append(i)
-            except ValueError:  # isolated atom
+            except (ValueError, RuntimeError, MemoryError):  # an isolated atom; a neighbour search too large to run
                 continue
         if graphs:
             with torch.no_grad():
@@ -451,7 +477,7 @@ class MACEBackend(ASECalculatorBackend):
                 try:
                     return MACECalculator(model_paths=str(path), device=str(device_), default_dtype=dtype_name)
                 except Exception as err:  # a damaged file or one from an incompatible mace-torch, deep inside torch.load
-                    raise MLIPLoadError(f"MACE model file {path} could not be loaded: {type(err).__name__}: {err}") from err
+                    raise load_error("MACE", str(path), err) from err
             if path.suffix == ".model" or len(path.parts) > 1:
                 raise FileNotFoundError(f"MACE model file {path} does not exist")
             try:
