@@ -367,6 +367,20 @@ def test_import_reports_every_mismatch(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_import_refuses_the_one_sided_score_based_variants(tmp_path):
+    """VPSBD/VESBD weights fit the network but were trained for an interpolant crystalign does not have."""
+    for variant in ("VPSBD-ODE", "VESBD-ODE", "Trig-ODE"):
+        src = tmp_path / "MP-20-CSP" / variant / "model.ckpt"
+        src.parent.mkdir(parents=True)
+        _authors_checkpoint(src, _tiny_authors_tensors())
+        if variant.startswith("Trig"):
+            assert import_omatg_checkpoint(src, tmp_path / "trig.pt")["model_config"]["num_layers"] == 2
+            continue
+        with pytest.raises(CheckpointError, match=f"{variant[:5]} variants use OMatG's one-sided"):
+            import_omatg_checkpoint(src, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_import_command(tmp_path):
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner

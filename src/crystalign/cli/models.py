@@ -20,7 +20,8 @@ def import_omatg(
     """Convert an OMatG checkpoint into a crystalign model usable by sample, rl fit and predict.
 
     The weights are checked name by name; interpolants, base distribution and sampler come from --config
-    (default: the paper's MP-20 Trig-SDE-Gamma setup, the checkpoint OMatG-IRL starts from).
+    (default: the paper's MP-20 Trig-SDE-Gamma setup, the checkpoint OMatG-IRL starts from). The Linear, Trig
+    and EncDec variants import; the VPSBD/VESBD variants (a one-sided interpolant) do not.
 
     Example: crystalign import-omatg MP-20-CSP/Trig-SDE-Gamma/model.ckpt --out mp20_trig_sde.pt
     """

@@ -144,12 +144,29 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: the published variants built on score-based-diffusion paths (as named on the authors' model hub)
+ONE_SIDED_VARIANTS = ("VPSBD", "VESBD")
+
+
+def _refuse_one_sided_variant(path: Path) -> None:
+    """The VP/VE score-based-diffusion variants were trained with OMatG's one-sided interpolant (a Gaussian base,
+    a network that predicts z instead of b), which crystalign does not implement: their weights would load, and
+    then sample garbage under any of our configs. Their published folders carry the variant name."""
+    found = [v for v in ONE_SIDED_VARIANTS if any(v.lower() in part.lower() for part in path.parts)]
+    if found:
+        raise CheckpointError(
+            f"{path}: the {found[0]} variants use OMatG's one-sided score-based-diffusion interpolant, which crystalign "
+            "does not implement; import a Linear, Trig or EncDec variant (e.g. Trig-SDE-Gamma)"
+        )
+
+
 def load_omatg_model(path: str | os.PathLike, expect: CSPNetConfig | None = None) -> tuple[CSPNet, dict[str, Any]]:
     """A :class:`CSPNet` holding the authors' weights, and a ``source`` record describing the file.
 
     ``expect``: the size the file must have (e.g. ``CSPNetConfig.paper()``); default: inferred.
     """
     path = Path(path)
+    _refuse_one_sided_variant(path)
     raw, info = read_omatg_state_dict(path)
     state, prefix = strip_prefix(raw)
     config = expect if expect is not None else infer_config(state)
