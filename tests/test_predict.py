@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from crystalign.cli import app
 from crystalign.data import read_structures
-from crystalign.predict import CoverageWarning, predict
+from crystalign.prediction import CoverageWarning, predict
 
 FAST = dict(n=4, rl_steps=2, steps=6, relax_steps=3, rl_group_size=2, rl_groups=2)
 
@@ -56,7 +56,7 @@ def test_predict_warns_outside_training_coverage(tmp_path, mp20_sample_csv):
 
 def test_formula_units_scan_cell_sizes(tmp_path):
     """-z samples -n candidates of each cell size and ranks them together; RL draws its groups from all sizes."""
-    from crystalign.predict import cell_formulas
+    from crystalign.prediction import cell_formulas
 
     result = predict("C", model="carbon_24", formula_units="6,8", out=str(tmp_path / "p"), progress=False, n=3, rl_steps=1,
                      rl_group_size=2, rl_groups=2, steps=4, relax=False)
@@ -74,7 +74,7 @@ def test_formula_units_scan_cell_sizes(tmp_path):
 def test_rl_that_trips_its_guard_falls_back_to_the_base_candidates(tmp_path):
     """The carbon model cannot make a perovskite: every RL structure is rejected, the guard stops RL, and predict
     still ranks the base candidates, says why, and records it."""
-    from crystalign.predict import RLStoppedWarning
+    from crystalign.prediction import RLStoppedWarning
 
     with pytest.warns(RLStoppedWarning, match="inference-time RL stopped .*max_invalid_fraction"):
         result = predict("Sr2Ti2O6", model="carbon_24", out=str(tmp_path / "p"), progress=False, n=4, rl_steps=2,
@@ -172,7 +172,7 @@ def test_relaxation_reports_convergence_and_a_failure_keeps_the_unrelaxed_geomet
     from ase.calculators.calculator import Calculator, all_changes
 
     from crystalign.data import read_structures
-    from crystalign.predict import relax_structures
+    from crystalign.prediction import relax_structures
     from crystalign.rewards.mlip import get_backend
 
     batch = read_structures(perov_val_csv).batch[:2]

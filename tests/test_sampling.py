@@ -100,6 +100,19 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(gen.sample(template, seed=1, steps=5).frac, back.sample(template, seed=1, steps=5).frac)
 
 
+def test_a_float64_model_loads_as_float64(tmp_path):
+    """A model trained with trainer.precision 64-true is sampled in float64, not silently rounded to float32."""
+    from crystalign.io import save_torch
+
+    gen = tiny_generator().to(torch.float64)
+    save_torch(tmp_path / "m64.pt", gen.checkpoint_dict())
+    back = Generator.load(tmp_path / "m64.pt")
+    assert {p.dtype for p in back.net.parameters()} == {torch.float64}
+    assert all(torch.equal(a, b) for a, b in zip(gen.net.parameters(), back.net.parameters()))
+    template = composition_batch(["SrTiO3"], 2).to(dtype=torch.float64)
+    assert back.sample(template, seed=1, steps=3).frac.dtype == torch.float64
+
+
 def test_bad_checkpoints(tmp_path):
     from crystalign.io import save_torch
 

@@ -114,7 +114,7 @@ def test_steer_seed_fixes_initialisation_without_touching_the_global_rng(tmp_pat
     "kwargs,error,message",
     [
         (dict(reward=42), TypeError, "reward must be a function of structures"),
-        (dict(compositions=[]), ValueError, "at least one formula"),
+        (dict(compositions=[]), ValueError, "compositions: no compositions given"),
         (dict(compositions=["Xx2O"]), ValueError, "Xx"),
         (dict(lr=1e-3, lerning_rate=1.0), TypeError, r"unknown RL option\(s\) \['lerning_rate'\]"),
         (dict(reward_scale=2, iterations=0), TypeError, "unknown RL option"),

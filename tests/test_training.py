@@ -173,10 +173,34 @@ def test_non_finite_gradients_stop_before_the_step(tmp_path, data_root, monkeypa
     assert all(torch.isfinite(v).all() for v in _weights(out / "last.ckpt").values() if v.is_floating_point())
 
 
+def test_fp16_loss_scaler_overflow_skips_the_step_instead_of_stopping(tmp_path, data_root, monkeypatch):
+    """'16-mixed' (CUDA) scales the loss; on overflow the gradients are inf on purpose and the scaler skips the step
+    and lowers its scale. Lightning's fp16 plugin with a real GradScaler, on the CPU, starting at an overflowing scale."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    import crystalign.training as training
+
+    scalers = []
+    real = L.Trainer
+
+    def fp16_trainer(*args, **kwargs):
+        if "callbacks" in kwargs:  # the run's trainer (not an option probe): fp16 with loss scaling
+            kwargs.pop("precision", None)
+            scalers.append(torch.amp.GradScaler("cpu", init_scale=1e38))
+            kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scalers[-1])]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.L, "Trainer", fp16_trainer)
+    cfg = tiny_config(**{"validation.match_every_n_epochs": 0, "optim.ema_decay": None, "trainer.logger": "none"})
+    result = train(cfg, tmp_path / "run", data_root=str(data_root))
+    assert result["global_step"] > 0 and scalers[-1].get_scale() < 1e38  # it overflowed, lowered the scale, went on
+
+
 def test_options_that_cannot_work_are_refused_before_any_work(tmp_path, data_root):
     import importlib.util
 
-    with pytest.raises(ConfigError, match="optim.ema_decay with trainer.precision"):
+    with pytest.raises(ConfigError, match="trainer.precision = .bf16-true.: training data and weights would be rounded"):
         train(tiny_config(**{"trainer.precision": "bf16-true"}), tmp_path / "a", data_root=str(data_root))
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(ConfigError, match="trainer.logger = 'wandb' needs the 'wandb' package"):

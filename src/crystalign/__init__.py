@@ -19,10 +19,15 @@ __all__ = [
 ]
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str):
-    # heavy modules (pymatgen analysis, MLIPs) load on first use, keeping `import crystalign` fast
+    # heavy modules (pymatgen analysis, MLIPs) load on first use, keeping `import crystalign` fast; no lazy name
+    # may be a submodule's name, or importing that submodule would replace the attribute by the module
     if name == "predict":
-        from crystalign.predict import predict
+        from crystalign.prediction import predict
 
         return predict
     if name == "csp_metrics":

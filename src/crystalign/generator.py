@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +102,18 @@ class Generator(torch.nn.Module):
         out = self.sampler(**sampler_overrides).sample(x0, generator=generator)
         return out.replace(ids=template.ids)
 
-    def sample_compositions(self, compositions: Sequence[str], n: int = 1, seed: int | None = 0, batch_size: int = 256, **sampler_overrides):
-        """pymatgen Structures: ``n`` per composition, in order (composition-major)."""
+    def sample_compositions(
+        self, compositions: "Sequence[str | Composition] | str | Composition", n: int = 1, seed: int | None = 0,
+        batch_size: int = 256, **sampler_overrides,
+    ):
+        """pymatgen Structures: ``n`` per composition (a formula, a pymatgen Composition, or a list of them), in
+        order (composition-major).
+
+        One random stream runs through the batches of ``batch_size`` structures, so a seed reproduces the same
+        structures for the same compositions, ``n`` and ``batch_size``; changing either draws other structures.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         template = composition_batch(compositions, n, max_atoms=self.config.max_atoms)
         g = _cpu_generator(seed)  # one stream through all batches, as `crystalign sample` draws it
         out = [self.sample(part, generator=g, **sampler_overrides) for part in template.split(batch_size)]
@@ -131,7 +142,11 @@ class Generator(torch.nn.Module):
         config = from_dict(GeneratorConfig, ckpt["config"], where=f"{where}:config")
         with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten: leave the caller's RNG as it was
             gen = cls(config, BaseDistribution.from_config(ckpt["base"]), coverage=ckpt.get("coverage"))
-        missing, unexpected = gen.net.load_state_dict(ckpt["state_dict"], strict=False)
+        state = ckpt["state_dict"]
+        dtypes = {v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        if len(dtypes) == 1:  # a model trained in float64 stays float64 (load_state_dict would round it to float32)
+            gen = gen.to(dtype=dtypes.pop())
+        missing, unexpected = gen.net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{where}: network weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
         gen.eval()
@@ -179,8 +194,16 @@ def _cpu_generator(seed: int | None) -> torch.Generator:
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(seed)
+        g.manual_seed(check_seed(seed))
     return g
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as a Python int (numpy integers included); a TypeError naming it otherwise."""
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer or None, got {type(seed).__name__} {seed!r}") from None
 
 
 # ---------------------------------------------------------------------- compositions
@@ -194,6 +217,10 @@ def parse_composition(formula: str, max_atoms: int | None = None) -> list[int]:
     """
     from pymatgen.core import Composition
 
+    if isinstance(formula, Composition):
+        formula = cell_formula(formula)
+    elif formula is not None and not isinstance(formula, str):
+        raise TypeError(f"a composition must be a formula string or a pymatgen Composition, got {type(formula).__name__} {formula!r}")
     text = (formula or "").strip()
     if not text or not _FORMULA_CHARS.match(text):
         raise ValueError(f"cannot parse composition {formula!r}: expected a formula such as SrTiO3")
@@ -233,13 +260,21 @@ def cell_formula(composition: "Composition") -> str:
     return "".join(f"{el}{'' if n == 1 else int(n)}" for el, n in composition.items())
 
 
-def composition_batch(compositions: Sequence[str], n: int = 1, max_atoms: int | None = None) -> CrystalBatch:
+def composition_batch(compositions: "Sequence[str | Composition] | str | Composition", n: int = 1, max_atoms: int | None = None) -> CrystalBatch:
     """A template batch (species and atom counts only) with ``n`` copies of each composition, contiguous.
 
-    Ids are ``{formula}_{j}`` (j = 0..n-1); a formula given again continues its count (``_n``, ...), so ids stay unique.
+    ``compositions``: formulas or pymatgen Compositions, or a single one. Ids are ``{formula}_{j}``
+    (j = 0..n-1); a formula given again continues its count (``_n``, ...), so ids stay unique.
     """
+    from pymatgen.core import Composition
+
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if isinstance(compositions, (str, Composition)):  # one formula, not a sequence of characters or elements
+        compositions = [compositions]
+    compositions = [cell_formula(c) if isinstance(c, Composition) else c for c in compositions]
+    if not compositions:
+        raise ValueError("no compositions given")
     species, counts, ids = [], [], []
     seen: dict[str, int] = {}
     for formula in compositions:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import numbers
 import os
 import signal
 import threading
@@ -276,8 +277,10 @@ def csp_metrics(
         # resumable: rerun the same call after an interruption
         result = csp_metrics(samples, refs, k=4, checkpoint="metrics.partial.jsonl")
     """
-    gen = _as_structures(generated)
-    ref = _as_structures(references)
+    gen = _as_structures(generated, "generated")
+    ref = _as_structures(references, "references")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral)):
+        raise TypeError(f"k must be an integer (samples per reference), got {type(k).__name__} {k!r}")
     if not ref:
         raise ValueError("no reference structures given")
     if not gen:
@@ -360,9 +363,13 @@ def csp_metrics(
 # ---------------------------------------------------------------------------------------------- internals
 
 
-def _as_structures(items) -> list:
+def _as_structures(items, what: str) -> list:
+    from pymatgen.core import Structure
+
     if hasattr(items, "to_structures"):
         return items.to_structures()
+    if isinstance(items, Structure):  # iterating it would give its sites
+        raise TypeError(f"{what}: give a list of Structures (or a CrystalBatch), not a single Structure")
     return list(items)
 
 

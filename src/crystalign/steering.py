@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 
 from crystalign.crystal import CrystalBatch
-from crystalign.generator import Generator, composition_batch
+from crystalign.generator import Generator, check_seed, composition_batch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pymatgen.core import Structure
+    from pymatgen.core import Composition, Structure
 
     from crystalign.rewards import Reward
     from crystalign.rl.loop import Policy
@@ -80,7 +80,7 @@ class SteeredModel:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = next(self.policy.reference.parameters()).device
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(check_seed(seed))
         template = template.to(device=device, dtype=torch.float32)
         parts = []
         # progress None: a bar only on a terminal
@@ -89,12 +89,9 @@ class SteeredModel:
         return CrystalBatch.cat(parts)
 
     def sample(
-        self, compositions: str | Sequence[str], n: int = 1, **options: Any
+        self, compositions: "str | Composition | Sequence[str | Composition]", n: int = 1, **options: Any
     ) -> list["Structure"]:
         """``n`` structures of each composition (in order) as pymatgen Structures; options as :meth:`sample_batch`."""
-        compositions = [compositions] if isinstance(compositions, str) else list(compositions)
-        if not compositions:
-            raise ValueError("sample: give at least one composition")
         template = composition_batch(compositions, n, max_atoms=self.policy.reference.config.max_atoms)
         return self.sample_batch(template, **options).to("cpu").to_structures()
 
@@ -107,19 +104,20 @@ def as_reward(reward: "Reward | Callable[[list[Structure]], Sequence[float]] | s
     """A :class:`~crystalign.rewards.Reward` from a reward, a config (``"energy"``, ``{"kind": ...}``) or a plain
     function ``structures -> floats`` (higher is better)."""
     from crystalign.rewards import make_reward
-    from crystalign.rewards.base import CallableReward, Reward
+    from crystalign.rewards.base import CallableReward, is_reward
 
-    if isinstance(reward, (str, Mapping)) or isinstance(reward, Reward):
+    if isinstance(reward, (str, Mapping)) or is_reward(reward):
         return make_reward(reward)
-    if callable(reward):
-        return CallableReward(reward)
+    if callable(reward):  # a function of Structures, even an object that happens to have a `name`
+        name = getattr(reward, "name", None)
+        return CallableReward(reward, name=name if isinstance(name, str) else None)
     raise TypeError(f"reward must be a function of structures, a reward config or a Reward, got {type(reward).__name__}")
 
 
 def steer(
     model: str | Path | Generator,
     reward: "Reward | Callable[[list[Structure]], Sequence[float]] | str | Mapping[str, Any]",
-    compositions: str | Sequence[str] | CrystalBatch,
+    compositions: "str | Composition | Sequence[str | Composition] | CrystalBatch",
     *,
     iterations: int = 20,
     out: str | Path | None = None,
@@ -132,7 +130,10 @@ def steer(
 ) -> SteeredModel:
     """Reinforce ``model`` (a shipped name, a checkpoint path or a :class:`Generator`) toward ``reward``.
 
-    ``compositions``: formulas, or a :class:`CrystalBatch` (e.g. a dataset's structures: their compositions are
+    ``reward``: a function of a list of pymatgen Structures returning one number each (higher is better), a reward
+    config (``"energy"``, ``{"kind": "symmetry", ...}``), or a crystalign reward (a class subclassing
+    :class:`~crystalign.rewards.Reward` is called with a CrystalBatch instead).
+    ``compositions``: formulas or pymatgen Compositions, or a :class:`CrystalBatch` (e.g. a dataset's structures: their compositions are
     used and volume drift is measured against their cells). Each iteration draws ``num_groups`` of them and
     samples ``group_size`` trajectories of each (GRPO groups).
 
@@ -164,9 +165,11 @@ def steer(
     if isinstance(compositions, CrystalBatch):
         comps = compositions
     else:
-        formulas = [compositions] if isinstance(compositions, str) else list(compositions)
-        comps = composition_batch(formulas, 1, max_atoms=gen.config.max_atoms) if formulas else None
-    if comps is None or comps.num_structures == 0:
+        try:
+            comps = composition_batch(compositions, 1, max_atoms=gen.config.max_atoms)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"compositions: {err}") from None
+    if comps.num_structures == 0:
         raise ValueError("compositions: give at least one formula")
     config = RLConfig(
         seed=seed, iterations=iterations, device=str(dev), reward=_reward_label(reward, reward_obj), **rl_options
@@ -174,16 +177,20 @@ def steer(
     # what the run trains on, so that resuming with other compositions is refused like any changed option
     config.data = dataclasses.replace(config.data, dataset=f"compositions sha256:{_compositions_digest(comps)}")
     config.validation.every = 0
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     policy = make_policy(gen.to(dev), config)
     trainer = RLTrainer(policy, reward_obj, config, comps.to(device=dev, dtype=torch.float32), progress=progress)
-    if out is None:
-        with tempfile.TemporaryDirectory(prefix="crystalign-steer-") as tmp:
-            history = trainer.fit(tmp, on_iteration=on_iteration)
-        return SteeredModel(policy.eval(), history, None)
-    history = trainer.fit(out, resume=resume, on_iteration=on_iteration)
-    return SteeredModel(policy.eval(), history, Path(out) / "last.pt")
+    threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:  # the caller's thread count is theirs again afterwards
+        if out is None:
+            with tempfile.TemporaryDirectory(prefix="crystalign-steer-") as tmp:
+                history = trainer.fit(tmp, on_iteration=on_iteration)
+            return SteeredModel(policy.eval(), history, None)
+        history = trainer.fit(out, resume=resume, on_iteration=on_iteration)
+        return SteeredModel(policy.eval(), history, Path(out) / "last.pt")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _compositions_digest(comps: CrystalBatch) -> str:

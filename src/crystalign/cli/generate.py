@@ -195,7 +195,7 @@ def composition_coverage_warnings(gen, template) -> list[str]:
     from pymatgen.core import Composition, Element
 
     from crystalign.generator import cell_formula
-    from crystalign.predict import coverage_warnings
+    from crystalign.prediction import coverage_warnings
 
     out, seen = [], set()
     for z in template.species.split(template.n_atoms.tolist()):

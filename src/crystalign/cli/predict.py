@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from crystalign.cli.generate import _fail
-from crystalign.predict import DEFAULT_COMPOSITION, DEFAULT_MODEL
+from crystalign.prediction import DEFAULT_COMPOSITION, DEFAULT_MODEL
 
 
 def predict_cmd(
@@ -51,7 +51,7 @@ def predict_cmd(
       crystalign predict C --model carbon_24 -z auto -n 16     # cells of 6 to 24 carbon atoms
       crystalign predict BaTiO3 --backend mace --mlip-model mace-mpa-0-medium.model   # a local MACE file
     """
-    from crystalign.predict import PredictWarning, default_out_dir, predict
+    from crystalign.prediction import PredictWarning, default_out_dir, predict
     from crystalign.rewards.mlip import MLIPLoadError
 
     if reward != "energy":

@@ -57,11 +57,37 @@ class RewardResult:
 
 @runtime_checkable
 class Reward(Protocol):
-    """Anything with a ``name`` that maps a CrystalBatch to a :class:`RewardResult`."""
+    """Anything with a ``name`` that maps a CrystalBatch to a :class:`RewardResult`.
+
+    A reward written outside crystalign subclasses this class (``class MyReward(Reward): ...``) so that
+    :func:`crystalign.steer` calls it with a CrystalBatch; any other callable is called with Structures."""
 
     name: str
 
     def __call__(self, batch: "CrystalBatch") -> RewardResult: ...
+
+
+def as_batch(structures: "CrystalBatch | Structure | Sequence[Structure]") -> "CrystalBatch":
+    """A reward's input as a CrystalBatch: a batch as is, or pymatgen Structures (what ``Generator.sample_compositions``
+    returns) converted; anything else is a TypeError naming what was given."""
+    from pymatgen.core import Structure
+
+    from crystalign.crystal import CrystalBatch
+
+    if isinstance(structures, CrystalBatch):
+        return structures
+    if isinstance(structures, Structure):
+        structures = [structures]
+    if isinstance(structures, (list, tuple)) and structures and all(isinstance(s, Structure) for s in structures):
+        return CrystalBatch.from_structures(list(structures))
+    raise TypeError(f"a reward takes a CrystalBatch or pymatgen Structures, got {type(structures).__name__}")
+
+
+def is_reward(obj: Any) -> bool:
+    """A crystalign reward (batch -> RewardResult): one of ours, or a class that subclasses :class:`Reward`.
+    Any other callable is a plain function of pymatgen Structures, even if it happens to have a ``name``."""
+    cls = type(obj)
+    return isinstance(obj, Reward) and (cls.__module__.startswith("crystalign.") or Reward in cls.__mro__)
 
 
 def as_tensor(values: Any, like: "CrystalBatch") -> torch.Tensor:
@@ -114,14 +140,21 @@ class CallableReward:
         self.check_validity = check_validity
         self.thresholds = coerce_thresholds(thresholds)
 
-    def __call__(self, batch: "CrystalBatch") -> RewardResult:
+    def __call__(self, batch: "CrystalBatch | Sequence[Structure]") -> RewardResult:
+        batch = as_batch(batch)
         b = batch.num_structures
         valid = batch.validity(self.thresholds).valid.cpu().numpy() if self.check_validity else np.ones(b, bool)
         raw = np.full(b, np.nan)
         idx = np.flatnonzero(valid)
         if idx.size:
             structures = batch[torch.as_tensor(idx, device=batch.device)].to_structures()
-            values = np.asarray(self.fn(structures), dtype=np.float64).reshape(-1)
+            out = self.fn(structures)
+            try:
+                values = np.asarray(out, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                values = None
+            if out is None or values is None:
+                raise TypeError(f"reward {self.name!r}: fn must return one number per structure, got {type(out).__name__} {out!r:.80}")
             if values.shape[0] != idx.size:
                 raise ValueError(f"reward {self.name!r}: fn returned {values.shape[0]} values for {idx.size} structures")
             raw[idx] = values

@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from crystalign.rewards.base import Reward, RewardResult
+from crystalign.rewards.base import Reward, RewardResult, as_batch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pymatgen.core import Structure
+
     from crystalign.crystal import CrystalBatch
 
 
@@ -88,7 +90,8 @@ class CompositeReward:
             terms.append((name, reward, weight))
         return CompositeReward(terms, monitor=True)
 
-    def __call__(self, batch: "CrystalBatch") -> RewardResult:
+    def __call__(self, batch: "CrystalBatch | Sequence[Structure]") -> RewardResult:
+        batch = as_batch(batch)
         total = torch.zeros(batch.num_structures, dtype=torch.float64, device=batch.device)
         info: dict[str, torch.Tensor] = {}
         invalid: torch.Tensor | None = None

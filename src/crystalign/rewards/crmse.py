@@ -22,7 +22,7 @@ import torch
 
 from crystalign.geometry import ValidityThresholds
 from crystalign.matching import BENCHMARK_TOLERANCES, make_matcher
-from crystalign.rewards.base import RewardResult, as_tensor, coerce_thresholds
+from crystalign.rewards.base import RewardResult, as_batch, as_tensor, coerce_thresholds
 
 if TYPE_CHECKING:  # pragma: no cover
     from pymatgen.core import Structure
@@ -59,7 +59,7 @@ class CRMSEReward:
     """R = scale · (stol − cRMSE) against references indexed once by reduced formula.
 
     Args:
-        references: Structures, or a path (CSV with a ``cif`` column, CIF file/folder, extxyz; see
+        references: Structures, a CrystalBatch, or a path (CSV with a ``cif`` column, CIF file/folder, extxyz; see
             :func:`crystalign.rewards.references.load_structures`).
         scale: reward scale.
         n_jobs: worker processes for matching (1 = in process). The pool is created on first use and reused.
@@ -82,6 +82,8 @@ class CRMSEReward:
             from crystalign.rewards.references import load_structures
 
             references = load_structures(references)[0]
+        elif hasattr(references, "to_structures"):  # a CrystalBatch, e.g. load_dataset(...).batch
+            references = references.to_structures()
         if len(references) == 0:
             raise ValueError("references: no reference structures given")
         self.matcher_kwargs = {**BENCHMARK_TOLERANCES, **dict(matcher or {})}
@@ -95,7 +97,8 @@ class CRMSEReward:
             self.index.setdefault(ref.composition.reduced_formula, []).append(ref)
         self._pool: ProcessPoolExecutor | None = None
 
-    def __call__(self, batch: "CrystalBatch") -> RewardResult:
+    def __call__(self, batch: "CrystalBatch | Sequence[Structure]") -> RewardResult:
+        batch = as_batch(batch)
         b = batch.num_structures
         valid = batch.validity(self.thresholds).valid.cpu().numpy().astype(bool)
         rms = np.full(b, np.nan)

@@ -24,13 +24,13 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from crystalign.geometry import ValidityReport, ValidityThresholds, covalent_radius, min_pbc_radius_ratio
-from crystalign.rewards.base import RewardResult, as_tensor, coerce_thresholds
+from crystalign.rewards.base import RewardResult, as_batch, as_tensor, coerce_thresholds
 from crystalign.rewards.mlip import (
     ASECalculatorBackend,
     CHGNetBackend,
@@ -41,6 +41,8 @@ from crystalign.rewards.mlip import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pymatgen.core import Structure
+
     from crystalign.crystal import CrystalBatch
 
 __all__ = [
@@ -273,7 +275,8 @@ class EnergyReward:
         self.max_energy_per_atom = float(max_energy_per_atom)
         self.max_number_density = float(max_number_density)
 
-    def __call__(self, batch: "CrystalBatch") -> RewardResult:
+    def __call__(self, batch: "CrystalBatch | Sequence[Structure]") -> RewardResult:
+        batch = as_batch(batch)
         s = self.screen(batch)
         energy = s.energy_per_atom.copy()
         valid = s.valid

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from crystalign.geometry import ValidityThresholds
-from crystalign.rewards.base import RewardResult, as_tensor, coerce_thresholds
+from crystalign.rewards.base import RewardResult, as_batch, as_tensor, coerce_thresholds
 from crystalign.rewards.energy import (
     MAX_ENERGY_PER_ATOM,
     MAX_NUMBER_DENSITY,
@@ -445,7 +445,8 @@ class EnergyAboveHullReward:
         self.max_number_density = float(max_number_density)
         self._warned: set[frozenset[str]] = set()
 
-    def __call__(self, batch: "CrystalBatch") -> RewardResult:
+    def __call__(self, batch: "CrystalBatch | Sequence[Structure]") -> RewardResult:
+        batch = as_batch(batch)
         from pymatgen.core import Element
 
         b = batch.num_structures

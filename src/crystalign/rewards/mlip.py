@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import threading
 import warnings
@@ -42,6 +43,18 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if str(dtype) not in table:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return table[str(dtype)]
+
+
+def _keeps_global_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Building a potential initialises its weights randomly before loading them: leave the caller's torch RNG
+    (and so the structures a seeded caller samples next) as it was."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class MLIPLoadError(RuntimeError):
@@ -240,20 +253,13 @@ class SevenNetBackend(MLIPBackend):
         return ident
 
     # ------------------------------------------------------------------ loading
+    @_keeps_global_rng
     def _load(self) -> None:
         with self._lock:
             if self._net is not None or self._calc is not None:
                 return
             if self.mode == "ase":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    warnings.filterwarnings("ignore", message="No tensor product accelerator")
-                    from sevenn.calculator import SevenNetCalculator
-
-                    try:
-                        self._calc = SevenNetCalculator(self.model, device=self.device, modal=self.modal)
-                    except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside torch.load
-                        raise load_error("SevenNet", self.model, err) from err
+                self._calc = self.ase_calculator()
                 return
             with warnings.catch_warnings():
                 # sevenn/e3nn use torch.jit.script at import and build time, deprecated in recent torch
@@ -303,12 +309,17 @@ class SevenNetBackend(MLIPBackend):
         self._load()
         return set(self._known_z)
 
+    @_keeps_global_rng
     def ase_calculator(self) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message="No tensor product accelerator")
             from sevenn.calculator import SevenNetCalculator
 
-            return SevenNetCalculator(self.model, device=self.device, modal=self.modal)
+            try:
+                return SevenNetCalculator(self.model, device=self.device, modal=self.modal)
+            except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside torch.load
+                raise load_error("SevenNet", self.model, err) from err
 
     def _graph(self, atoms: "Atoms") -> Any:
         import sevenn._keys as KEY
@@ -390,11 +401,13 @@ class CHGNetBackend(MLIPBackend):
         self._load()
         return self
 
+    @_keeps_global_rng
     def ase_calculator(self) -> Any:
         from chgnet.model.dynamics import CHGNetCalculator
 
         return CHGNetCalculator(model=self._load(), use_device=str(self.device))
 
+    @_keeps_global_rng
     def _load(self) -> Any:
         with self._lock:
             if self._net is None:

@@ -10,14 +10,16 @@ Example::
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from crystalign.geometry import ValidityThresholds
-from crystalign.rewards.base import RewardResult, as_tensor, coerce_thresholds
+from crystalign.rewards.base import RewardResult, as_batch, as_tensor, coerce_thresholds
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pymatgen.core import Structure
+
     from crystalign.crystal import CrystalBatch
 
 
@@ -65,7 +67,8 @@ class _SymmetryReward:
     def _has_property(self, numbers: np.ndarray, inversion: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def __call__(self, batch: "CrystalBatch") -> RewardResult:
+    def __call__(self, batch: "CrystalBatch | Sequence[Structure]") -> RewardResult:
+        batch = as_batch(batch)
         valid = batch.validity(self.thresholds).valid.cpu().numpy().astype(bool)
         numbers, inversion = symmetry_data(batch, self.symprec, valid)
         hit = valid & self._has_property(numbers, inversion)

@@ -33,7 +33,7 @@ from torch import nn
 from crystalign.config import config_changes, is_finite_number, require, to_dict
 from crystalign.crystal import CrystalBatch
 from crystalign.data.splits import DataConfig
-from crystalign.generator import Generator
+from crystalign.generator import Generator, check_seed
 from crystalign.interpolants import FIELDS, time_grid
 from crystalign.model.cspnet import build_edges
 from crystalign.provenance import versions
@@ -44,8 +44,9 @@ from crystalign.rl.objective import (
     validate_costs,
     velocity_ratio,
 )
-from crystalign.rl.policy import FieldOutputs, GaussianTransition, Step, euler_step, make_transition
+from crystalign.rl.policy import VARIANTS, FieldOutputs, GaussianTransition, Step, euler_step, make_transition
 from crystalign.rl.scale import ScaleMLP
+from crystalign.rl.schedules import build_noise_schedule
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class RLConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
+        self.seed = check_seed(self.seed)
         bad = [f for f in self.fields if f not in FIELDS]
         if bad or not self.fields:
             raise ValueError(f"fields: must be a non-empty subset of {FIELDS}, got {self.fields}")
@@ -151,6 +153,10 @@ class RLConfig:
         missing_noise = [f for f in self.fields if f not in (self.noise or {})]
         if missing_noise:
             raise ValueError(f"noise: no schedule for the reinforced field(s) {missing_noise} (e.g. {{kind: sqrt, a: 0.1668}})")
+        require(self.variant in VARIANTS, "variant", f"one of {VARIANTS}", self.variant)
+        with torch.random.fork_rng(devices=[]):  # a learnable schedule initialises weights: leave the caller's RNG alone
+            for f in self.fields:
+                build_noise_schedule(self.noise[f], where=f"noise.{f}")
         for key, cost in self.costs.items():
             field_name, _, kind = key.partition("_")
             if cost and field_name not in self.fields:
@@ -716,7 +722,7 @@ def coverage_summary(reference: Generator, compositions: CrystalBatch, limit: in
     coverage, from the same per-composition checks as ``crystalign predict``."""
     from collections import Counter
 
-    from crystalign.predict import coverage_warnings
+    from crystalign.prediction import coverage_warnings
 
     per_structure = compositions.species.cpu().split(compositions.n_atoms.cpu().tolist())
     counts = Counter(tuple(sorted(s.tolist())) for s in per_structure)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from crystalign.crystal import CrystalBatch
-from crystalign.generator import Generator, cell_formula, composition_batch, parse_composition
+from crystalign.generator import Generator, cell_formula, check_seed, composition_batch, parse_composition
 from crystalign.io import atomic_path, check_output_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,20 @@ class PredictOptions:
     #: formula units per cell to try: "" = the composition as written (one cell), "1,2,4", or "auto"
     formula_units: str = ""
 
+    def __post_init__(self) -> None:
+        # the Python API's natural values, normalised to the plain data a run folder records and compares on resume
+        from pymatgen.core import Composition
+
+        if isinstance(self.composition, Composition):
+            self.composition = cell_formula(self.composition)
+        if isinstance(self.formula_units, (int, np.integer)) and not isinstance(self.formula_units, bool):
+            self.formula_units = str(int(self.formula_units))
+        elif isinstance(self.formula_units, (list, tuple)):
+            self.formula_units = ",".join(str(z) for z in self.formula_units)
+        elif not isinstance(self.formula_units, str):
+            raise TypeError(f"formula_units must be 'auto', counts such as [1, 2, 4] or '1,2,4', got {self.formula_units!r}")
+        self.seed = check_seed(self.seed)
+
     def validate(self) -> None:
         if self.n <= 0:
             raise ValueError(f"-n must be a positive number of candidates, got {self.n}")
@@ -87,9 +101,23 @@ class PredictOptions:
             raise ValueError(f"--relax-top must be >= 1, got {self.relax_top}")
         if self.relax_steps < 0:
             raise ValueError(f"--relax-steps must be >= 0, got {self.relax_steps}")
-        from crystalign.rl.loop import check_device
+        from crystalign.rl.loop import RLConfig, check_device
 
         check_device(self.device, "--device")  # a CUDA request on a CPU-only machine fails here, not mid-run
+        if self.rl_steps:  # a bad RL option fails now, not after the base model's candidates are written
+            try:
+                RLConfig(iterations=self.rl_steps, seed=self.seed, **self.rl_options())
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"RL options (rl_*): {err}") from None
+
+    def rl_options(self) -> dict[str, Any]:
+        """The RLConfig options of predict's inference-time RL (velocity RL of positions toward low energy)."""
+        noise = {"kind": "sqrt", "a": self.rl_noise}
+        return dict(
+            variant=self.rl_variant, fields=["pos"], steps=self.steps, noise={"pos": noise, "cell": dict(noise)},
+            group_size=self.rl_group_size, num_groups=self.rl_groups, ppo_epochs=1, lr=self.rl_lr,
+            costs={"pos_policy": 1.0, "pos_regularization": 1e-3}, duplicate_check=False,
+        )
 
 
 @dataclass
@@ -425,9 +453,13 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         e = cand_result.info["energy_per_atom_ev"].numpy()
         order = [int(i) for i in np.argsort(np.where(np.isfinite(e), e, np.inf), kind="stable") if np.isfinite(e[i])]
         candidates = candidates[torch.tensor(order[: opts.relax_top], dtype=torch.long)] if order else candidates
-        candidates, relax_records = relax_structures(
-            candidates, lambda: backend.ase_calculator(), opts.relax_steps, opts.fmax, out / "relax", progress
-        )
+        numpy_rng = np.random.get_state()  # ASE's optimisers draw from numpy's global RNG: not the caller's business
+        try:
+            candidates, relax_records = relax_structures(
+                candidates, lambda: backend.ase_calculator(), opts.relax_steps, opts.fmax, out / "relax", progress
+            )
+        finally:
+            np.random.set_state(numpy_rng)
         stages.mark("relax")
     final = reward(candidates) if opts.relax else cand_result
     energy = final.info["energy_per_atom_ev"].numpy()
@@ -503,12 +535,8 @@ def _run_rl(gen: Generator, reward, opts: PredictOptions, cells: list[str], fold
     """K iterations of inference-time RL with GRPO groups drawn from the query's cells (resumable)."""
     from crystalign.steering import steer
 
-    noise = {"kind": "sqrt", "a": opts.rl_noise}
     steered = steer(
         gen, reward, cells, iterations=opts.rl_steps, out=folder, resume=(folder / "last.pt").exists(),
-        device=opts.device, seed=opts.seed, progress=progress,
-        variant=opts.rl_variant, fields=["pos"], steps=opts.steps, noise={"pos": noise, "cell": dict(noise)},
-        group_size=opts.rl_group_size, num_groups=opts.rl_groups, ppo_epochs=1, lr=opts.rl_lr,
-        costs={"pos_policy": 1.0, "pos_regularization": 1e-3}, duplicate_check=False,
+        device=opts.device, seed=opts.seed, progress=progress, **opts.rl_options(),
     )
     return steered.history
