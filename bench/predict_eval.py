@@ -19,7 +19,7 @@ import numpy as np
 
 from crystalign.io import write_json
 from crystalign.matching import make_matcher
-from crystalign.predict import predict
+from crystalign.prediction import predict
 from crystalign.data.splits import DataConfig, load_training_data
 
 
