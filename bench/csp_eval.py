@@ -15,7 +15,8 @@ import time
 import torch
 
 from crystalign.config import from_dict
-from crystalign.generator import Generator, load_checkpoint_file
+from crystalign.generator import Generator
+from crystalign.model.checkpoint import read_checkpoint_file
 from crystalign.io import write_json
 from crystalign.metrics import csp_metrics
 from crystalign.data.splits import DataConfig, load_training_data
@@ -33,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint_file(args.model)
+    ckpt = read_checkpoint_file(args.model)
     prov = (ckpt.get("generator", ckpt)).get("provenance", {})
     data_cfg = from_dict(DataConfig, prov["config"]["data"]) if prov else DataConfig()
     gen = Generator.load(args.model)
