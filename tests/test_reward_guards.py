@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 import warnings
 
@@ -307,10 +309,17 @@ def test_interrupted_hull_build_resumes_with_the_same_entries(tmp_path, monkeypa
         build_hull(refs, "sevenn", add_elements=False, out=out, batch_size=1)
     partial = tmp_path / ".part.json.partial.json"
     assert partial.exists() and not out.exists()
+    saved = partial.read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):  # a plain rerun used to delete the saved batches
+        build_hull(refs, "sevenn", add_elements=False, out=out, batch_size=1)
+    assert partial.read_bytes() == saved
+    stale = tmp_path / ".part.json.partial.json.x1y2.part"  # a batch-file write that a kill cut short
+    stale.write_text("{")
+    os.utime(stale, (0, 0))
     with pytest.raises(ValueError, match="other references"):
         build_hull(refs[:2], "sevenn", add_elements=False, out=out, batch_size=1, resume=True)
     calls["n"] = -10  # no more interruptions; count the MLIP batches the resumed build still needs
     resumed = build_hull(refs, "sevenn", add_elements=False, out=out, batch_size=1, resume=True)
     assert calls["n"] == -9  # only the unfinished third batch was computed
     assert [(e.id, e.composition, e.energy_ev) for e in resumed.entries] == [(e.id, e.composition, e.energy_ev) for e in full.entries]
-    assert not partial.exists()
+    assert not partial.exists() and not stale.exists()

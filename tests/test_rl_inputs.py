@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,21 @@ def test_fit_into_existing_run_without_resume_is_refused_and_keeps_the_run(setup
     res = fit(config, base, zero, "--resume", "--iterations", "1")
     assert res.exit_code == 0, res.output
     assert iterations_of(zero) == [1]
+
+
+def test_a_kill_during_the_first_checkpoint_resumes_from_best(setup):
+    """best.pt is written before last.pt: a kill between them left a folder neither --resume nor a new run took."""
+    tmp, base, _, write_config = setup
+    config = write_config("val.yaml", validation={"every": 1, "num_compositions": 2}, data={"dataset": str(tmp / "rocksalt.extxyz"), "holdout_fraction": 0.34})
+    out = tmp / "run"
+    assert fit(config, base, out, "--iterations", "1").exit_code == 0
+    (out / "last.pt").unlink()  # as the kill left it
+    stale = out / ".last.pt.a1b2c3.part"  # and the cut-short write of last.pt
+    stale.write_bytes(b"half")
+    os.utime(stale, (0, 0))
+    res = fit(config, base, out, "--resume", "--iterations", "2")
+    assert res.exit_code == 0, res.output
+    assert iterations_of(out) == [0, 1, 2] and not stale.exists()  # 0: the untrained baseline
 
 
 def test_fit_output_folder_checked_before_any_work(setup):

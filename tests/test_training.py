@@ -140,13 +140,32 @@ def _weights(path):
 def test_resume_continues_draw_for_draw(tmp_path, data_root):
     """One epoch, then a resumed second, ends with exactly the weights of two epochs in one go: the checkpoint
     carries the random streams (batch order, times, base samples, noise)."""
+    # validation every epoch, and every second epoch, where a run killed after a validation-end checkpoint (best.ckpt
+    # is that checkpoint) is re-entered by Lightning at the finished epoch
+    for every, first, total in ((1, 1, 2), (2, 2, 4)):
+        quick = {"validation.match_every_n_epochs": 0, "validation.every_n_epochs": every}
+        straight_dir, split_dir = tmp_path / f"straight{every}", tmp_path / f"split{every}"
+        train(tiny_config(**quick, **{"optim.max_epochs": total}), straight_dir, data_root=str(data_root))
+        train(tiny_config(**quick, **{"optim.max_epochs": first}), split_dir, data_root=str(data_root))
+        if every > 1:  # as a kill just after the validation-end checkpoint leaves the folder
+            (split_dir / "last.ckpt").write_bytes((split_dir / "best.ckpt").read_bytes())
+        train(tiny_config(**quick, **{"optim.max_epochs": total}), split_dir, resume=True, data_root=str(data_root))
+        straight, split = _weights(straight_dir / "last.ckpt"), _weights(split_dir / "last.ckpt")
+        assert straight.keys() == split.keys()
+        assert all(torch.equal(straight[k], split[k]) for k in straight), every
+
+
+def test_a_kill_during_the_first_checkpoint_resumes_from_best(tmp_path, data_root):
+    """Lightning writes best.ckpt before last.ckpt: a kill between them must not leave a folder that neither
+    --resume (no last.ckpt) nor a new run (a run is there) accepts."""
     quick = {"validation.match_every_n_epochs": 0}
-    train(tiny_config(**quick, **{"optim.max_epochs": 2}), tmp_path / "straight", data_root=str(data_root))
-    train(tiny_config(**quick), tmp_path / "split", data_root=str(data_root))
-    train(tiny_config(**quick, **{"optim.max_epochs": 2}), tmp_path / "split", resume=True, data_root=str(data_root))
-    straight, split = _weights(tmp_path / "straight" / "last.ckpt"), _weights(tmp_path / "split" / "last.ckpt")
-    assert straight.keys() == split.keys()
-    assert all(torch.equal(straight[k], split[k]) for k in straight)
+    out = tmp_path / "run"
+    train(tiny_config(**quick), out, data_root=str(data_root))
+    (out / "last.ckpt").write_bytes((out / "best.ckpt").read_bytes())  # the first checkpoint: both the same point
+    straight = _weights(out / "last.ckpt")
+    (out / "last.ckpt").unlink()
+    result = train(tiny_config(**quick, **{"optim.max_epochs": 2}), out, resume=True, data_root=str(data_root))
+    assert result["epochs"] == 2 and _weights(out / "last.ckpt").keys() == straight.keys()
 
 
 def test_epochs_after_the_last_validation_are_checkpointed(tmp_path, data_root):
@@ -173,6 +192,20 @@ def test_non_finite_gradients_stop_before_the_step(tmp_path, data_root, monkeypa
     assert all(torch.isfinite(v).all() for v in _weights(out / "last.ckpt").values() if v.is_floating_point())
 
 
+def test_lightning_checkpoints_are_written_atomically_beside_their_target(tmp_path, data_root, monkeypatch):
+    """Lightning's own save moves a file from the temp folder, a plain copy across filesystems: a kill could leave a
+    truncated last.ckpt. Every checkpoint must be renamed into place from a temporary file in its own folder."""
+    import crystalign.io as io
+
+    renames = []
+    real = io.os.replace
+    monkeypatch.setattr(io.os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))), real(src, dst))[1])
+    train(tiny_config(**{"validation.match_every_n_epochs": 0}), tmp_path / "run", data_root=str(data_root))
+    written = {dst.name for src, dst in renames if dst.suffix == ".ckpt" and src.parent == dst.parent}
+    assert {"best.ckpt", "last.ckpt"} <= written, renames
+    assert not list((tmp_path / "run").glob(".*.part"))
+
+
 def test_fp16_loss_scaler_overflow_skips_the_step_instead_of_stopping(tmp_path, data_root, monkeypatch):
     """'16-mixed' (CUDA) scales the loss; on overflow the gradients are inf on purpose and the scaler skips the step
     and lowers its scale. Lightning's fp16 plugin with a real GradScaler, on the CPU, starting at an overflowing scale."""
@@ -188,7 +221,7 @@ def test_fp16_loss_scaler_overflow_skips_the_step_instead_of_stopping(tmp_path, 
         if "callbacks" in kwargs:  # the run's trainer (not an option probe): fp16 with loss scaling
             kwargs.pop("precision", None)
             scalers.append(torch.amp.GradScaler("cpu", init_scale=1e38))
-            kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scalers[-1])]
+            kwargs["plugins"] = [*kwargs.get("plugins", []), MixedPrecision("16-mixed", "cpu", scaler=scalers[-1])]
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training.L, "Trainer", fp16_trainer)

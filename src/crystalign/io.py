@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import tempfile
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,8 @@ def _process_umask() -> int:
 
 #: read once: the umask can only be read by setting it, which would race with threads creating files
 _UMASK = _process_umask()
+#: temporary files of atomic writes older than this were left by an earlier process (killed mid-write)
+_STARTED = time.time()
 
 
 @contextmanager
@@ -40,6 +44,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_parts(folder: str | os.PathLike, names: list[str] | None = None, recursive: bool = False) -> int:
+    """Delete the temporary files (``.NAME.*.part``) that a process killed during an atomic write left in ``folder``:
+    of the outputs ``names`` only, or of any output (a folder the command owns); ``recursive`` includes subfolders.
+    Only files older than this process are touched, never a finished output. Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    patterns = [f".{glob.escape(n)}.*.part" for n in names] if names is not None else [".*.part"]
+    removed = 0
+    for pattern in patterns:
+        for part in folder.rglob(pattern) if recursive else folder.glob(pattern):
+            try:
+                if part.is_file() and part.stat().st_mtime < _STARTED:
+                    part.unlink()
+                    removed += 1
+            except OSError:  # gone already, or not ours to remove: leave it
+                continue
+    return removed
+
+
+def recover_first_checkpoint(last: str | os.PathLike, best: str | os.PathLike) -> bool:
+    """A run killed while writing its very first checkpoints has ``best`` (written first) but no ``last``: make
+    ``last`` a copy of ``best``, which holds that same point of the run, so ``--resume`` continues from it.
+    Returns whether it did."""
+    last, best = Path(last), Path(best)
+    if last.exists() or not best.is_file():
+        return False
+    import shutil
+
+    with atomic_path(last) as tmp:
+        shutil.copyfile(best, tmp)
+    return True
 
 
 class OutputPathError(PermissionError):

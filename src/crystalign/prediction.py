@@ -28,7 +28,7 @@ import torch
 
 from crystalign.crystal import CrystalBatch
 from crystalign.generator import Generator, cell_formula, check_seed, composition_batch, parse_composition
-from crystalign.io import atomic_path, check_output_dir, write_json
+from crystalign.io import atomic_path, check_output_dir, remove_stale_parts, write_json
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +361,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     # the top-most folder this call creates: a refused query removes it again
     created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     check_output_dir(out)
+    remove_stale_parts(out, recursive=True)  # temporary files of writes that a kill interrupted (rl/, relax/, ...)
     try:
         stages = _Stages(out, opts, opts.resume)
         gen = Generator.load(opts.model).to(opts.device)

@@ -22,10 +22,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from crystalign.config import ConfigError, config_changes, is_finite_number, require, to_dict
 from crystalign.data.splits import DataConfig, load_training_data
+from crystalign.io import save_torch
 from crystalign.provenance import versions
 from crystalign.crystal import CrystalBatch
 from crystalign.distributions import BaseDistribution, LATTICE_PRESETS
@@ -140,6 +142,38 @@ def interpolant_losses(gen: Generator, x1: CrystalBatch, generator: torch.Genera
 
 
 # ---------------------------------------------------------------------- Lightning module
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written like every crystalign output: a temporary file beside the target, fsynced, then
+    renamed over it. Lightning's own save writes into the temp folder and moves the file, which is a plain copy when
+    that folder is on another filesystem (tmpfs /tmp): a kill mid-copy left a truncated last.ckpt."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("storage_options are not supported for crystalign checkpoints")
+        save_torch(path, checkpoint)
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A fresh permutation per epoch that depends on (seed, epoch) only.
+
+    A shared shuffle stream would make ``--resume`` drift: resuming from a checkpoint written at a validation end,
+    Lightning re-enters the finished epoch and calls ``iter()`` on the loader once more, drawing one permutation
+    too many. Lightning sets the epoch (``set_epoch``); under DDP it swaps in a DistributedSampler, which is
+    seeded per epoch the same way.
+    """
+
+    def __init__(self, data_source: Any, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+
+
 class GeneratorModule(L.LightningModule):
     def __init__(self, config: TrainConfig, generator: Generator, holdout: CrystalBatch | None = None):
         super().__init__()
@@ -147,7 +181,6 @@ class GeneratorModule(L.LightningModule):
         self.generator = generator
         self.holdout = holdout
         self.ema: Generator | None = None
-        self.loader_generator: torch.Generator | None = None  # the training loader's shuffle stream, kept in checkpoints
         if config.optim.ema_decay:
             self.ema = copy.deepcopy(generator)
             self.ema.requires_grad_(False)
@@ -241,7 +274,6 @@ class GeneratorModule(L.LightningModule):
         checkpoint["crystalign_rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-            "loader": self.loader_generator.get_state() if self.loader_generator is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -251,8 +283,6 @@ class GeneratorModule(L.LightningModule):
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        if rng["loader"] is not None and self.loader_generator is not None:
-            self.loader_generator.set_state(rng["loader"])
 
     def provenance(self) -> dict[str, Any]:
         return getattr(self, "_provenance", {})
@@ -447,7 +477,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.utilities import rank_zero_only
 
-    from crystalign.io import check_output_dir, save_torch, write_json
+    from crystalign.io import check_output_dir, recover_first_checkpoint, remove_stale_parts, write_json
 
     check_trainer_options(cfg.trainer)
     if str(cfg.trainer.precision) in ("16-true", "bf16-true", "16", "bf16"):
@@ -460,10 +490,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
     out = Path(out_dir)
     if rank_zero_only.rank == 0:  # DDP ranks that rerun the command would race on the probe file
         check_output_dir(out)
+        remove_stale_parts(out)  # temporary files of a checkpoint write that a kill interrupted
     last = out / "last.ckpt"
     changes: dict[str, tuple[Any, Any]] = {}
     saved_prov: dict[str, Any] = {}
     if resume:
+        if rank_zero_only.rank == 0 and recover_first_checkpoint(last, out / "best.ckpt"):
+            log.warning("%s: the run was stopped while writing its first checkpoint; resuming from best.ckpt", out)
         saved_prov = read_resume_checkpoint(last)["generator"].get("provenance") or {}
         if "config" in saved_prov:
             changes = check_resume_config(saved_prov["config"], cfg, last)
@@ -500,10 +533,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
     tr_ds = StructureIndexDataset(train_set.to(dtype=torch.float32))
     ho_ds = StructureIndexDataset(holdout.to(dtype=torch.float32))
     bs = cfg.optim.batch_size
-    g = torch.Generator().manual_seed(cfg.seed)
-    module.loader_generator = g
-    train_loader = DataLoader(tr_ds, batch_size=bs, shuffle=True, collate_fn=tr_ds.collate, generator=g, drop_last=len(tr_ds) > bs)
-    val_loader = DataLoader(ho_ds, batch_size=bs, shuffle=False, collate_fn=ho_ds.collate) if len(ho_ds) else None
+    # the loader's own generator: each iter() draws a worker base seed from it, which would otherwise come from the
+    # global stream that the training steps draw from (and an extra iter() on resume would shift them)
+    train_loader = DataLoader(
+        tr_ds, batch_size=bs, sampler=EpochShuffleSampler(tr_ds, cfg.seed), collate_fn=tr_ds.collate,
+        drop_last=len(tr_ds) > bs, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    val_loader = (
+        DataLoader(ho_ds, batch_size=bs, shuffle=False, collate_fn=ho_ds.collate, generator=torch.Generator().manual_seed(cfg.seed))
+        if len(ho_ds) else None
+    )
 
     logger: Any = False
     tc = cfg.trainer
@@ -537,6 +576,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
         gradient_clip_val=cfg.optim.grad_clip or None,
         logger=logger,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=tc.progress_bar,
         check_val_every_n_epoch=cfg.validation.every_n_epochs,
         num_sanity_val_steps=0,

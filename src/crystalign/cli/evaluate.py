@@ -90,7 +90,7 @@ def evaluate(
 ) -> None:
     """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs)."""
     from crystalign.cli.generate import _fail
-    from crystalign.io import OutputPathError, check_output_file, write_json
+    from crystalign.io import OutputPathError, check_output_file, remove_stale_parts, write_json
     from crystalign.metrics import CheckpointError, csp_metrics
     from crystalign.provenance import versions
 
@@ -101,6 +101,7 @@ def evaluate(
         except OutputPathError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--out'") from None
         checkpoint = checkpoint_path(out)
+        remove_stale_parts(out.parent, names=[out.name])  # a write of --out that a kill interrupted
         if checkpoint.exists() and not resume:
             _fail(
                 f"{checkpoint} holds the finished pairs of an interrupted evaluation: pass --resume to continue "

@@ -235,7 +235,7 @@ def run_sampling(
 
     from crystalign.crystal import CrystalBatch
     from crystalign.model.checkpoint import read_checkpoint_file
-    from crystalign.io import save_torch, write_json, write_structure_set
+    from crystalign.io import remove_stale_parts, save_torch, write_json, write_structure_set
 
     t0 = time.time()
     p = next(gen.net.parameters())
@@ -245,6 +245,7 @@ def run_sampling(
     run = {"model_hash": gen.model_hash(), "seed": seed, "sampler": sampler_cfg, "batch_size": batch_size,
            "trajectory": trajectory, "dtype": str(p.dtype), "compositions_sha256": layout}
     partial = out / ".sampling"
+    remove_stale_parts(out, recursive=True)  # temporary files of writes that a kill interrupted
     if resume and (partial / "run.json").exists():
         saved = json.loads((partial / "run.json").read_text())
         changed = sorted(key for key in run.keys() | saved.keys() if saved.get(key) != run.get(key))

@@ -45,12 +45,13 @@ def build_cmd(
     import warnings
 
     from crystalign.io import OutputPathError, check_output_file
-    from crystalign.rewards.hull import build_hull, partial_path
+    from crystalign.rewards.hull import build_hull, check_partial, partial_path
     from crystalign.rewards.mlip import get_backend
 
     try:  # before any MLIP energy is computed, so a bad --out never costs the work
         check_output_file(out)
-    except OutputPathError as err:
+        check_partial(out, resume)
+    except (OutputPathError, FileExistsError) as err:
         _fail(str(err))
     try:  # a bad model fails now, not after every reference has been read
         mlip = get_backend(backend, model=model, device=device, dtype=dtype, modal=modal).load()

@@ -238,6 +238,16 @@ def partial_path(out: str | Path) -> Path:
     return Path(out).with_name(f".{Path(out).name}.partial.json")
 
 
+def check_partial(out: str | Path, resume: bool) -> None:
+    """A new build into ``out`` must not silently delete the saved batches of an interrupted one."""
+    partial = partial_path(out)
+    if partial.exists() and not resume:
+        raise FileExistsError(
+            f"{partial} holds the finished batches of an interrupted build of {out}; rerun with --resume "
+            "(resume=True) to continue it, or delete that file to start over"
+        )
+
+
 def build_hull(
     structures: Sequence["Structure"],
     backend: str | Mapping[str, Any] | MLIPBackend = "sevenn",
@@ -266,7 +276,7 @@ def build_hull(
     """
     import hashlib
 
-    from crystalign.io import write_json
+    from crystalign.io import remove_stale_parts, write_json
 
     from tqdm.auto import tqdm
 
@@ -322,8 +332,10 @@ def build_hull(
                 bar.update(len(chunk))
         return got
 
-    if partial_file is not None and not resume:
-        partial_file.unlink(missing_ok=True)  # a new build: batches of an older one must not leak in
+    if out is not None:
+        check_partial(out, resume)
+        # temporary files of the hull and batch-file writes that a kill interrupted
+        remove_stale_parts(Path(out).parent, names=[Path(out).name, partial_file.name])
     # disable=None: the bar shows on a terminal only, so logs stay clean
     with tqdm(total=len(structures), desc="MLIP energies", unit="structure", disable=None if progress else True) as bar:
         entries += evaluate(structures, ids, bar, keep=True)

@@ -679,11 +679,16 @@ RESUMABLE_KEYS = ("iterations", "device", "num_threads", "max_atoms_per_backward
 def check_run_dir(out_dir: str | Path, resume: bool) -> Path:
     """Before any work: ``out_dir`` is writable, holds a run to resume (``resume``) or holds no run (so a new
     run cannot overwrite one)."""
-    from crystalign.io import check_output_dir
+    from crystalign.io import check_output_dir, recover_first_checkpoint, remove_stale_parts
 
     out = Path(out_dir)
     if _dist()[0] == 0:  # one rank probes: ranks sharing the folder would race on the probe file
         check_output_dir(out)
+        remove_stale_parts(out)  # temporary files of a checkpoint write that a kill interrupted
+        if resume and recover_first_checkpoint(out / "last.pt", out / "best.pt"):
+            log.warning("%s: the run was stopped while writing its first checkpoint; resuming from best.pt", out)
+    if resume and _dist()[1] > 1:
+        dist.barrier()  # every rank sees the recovered last.pt
     if resume and not (out / "last.pt").exists():
         raise FileNotFoundError(f"--resume: no {out / 'last.pt'} to resume from")
     if not resume and any((out / f).exists() for f in RUN_FILES):
