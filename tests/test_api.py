@@ -61,6 +61,8 @@ def test_compositions_as_a_formula_a_composition_or_a_list(perov):
         perov.sample_compositions("BN", batch_size=0)
     with pytest.raises(TypeError, match="formula string or a pymatgen Composition, got int"):
         parse_composition(5)
+    with pytest.raises(ValueError, match="fractional count 2.5 of Fe"):  # not silently Fe2O
+        perov.sample_compositions(Composition("Fe2.5O"), n=1, steps=3)
 
 
 def test_numpy_integer_seeds_are_seeds(perov):
@@ -106,6 +108,12 @@ def test_a_callable_with_a_name_is_still_a_function_of_structures():
 
     explicit = BatchReward()
     assert as_reward(explicit) is explicit
+
+    class StrictSymmetry(NonTriclinicReward):  # a user's subclass of a shipped reward is a reward too
+        name = "strict_symmetry"
+
+    strict = StrictSymmetry()
+    assert as_reward(strict) is strict
 
 
 def test_rewards_take_the_structures_the_sampler_returns(perov):

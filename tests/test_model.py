@@ -370,7 +370,7 @@ def test_import_reports_every_mismatch(tmp_path):
 def test_import_refuses_the_one_sided_score_based_variants(tmp_path):
     """VPSBD/VESBD weights fit the network but were trained for an interpolant crystalign does not have."""
     for variant in ("VPSBD-ODE", "VESBD-ODE", "Trig-ODE"):
-        src = tmp_path / "MP-20-CSP" / variant / "model.ckpt"
+        src = tmp_path / "vesbd_vs_trig" / "MP-20-CSP" / variant / "model.ckpt"  # only the variant folder counts
         src.parent.mkdir(parents=True)
         _authors_checkpoint(src, _tiny_authors_tensors())
         if variant.startswith("Trig"):

@@ -109,6 +109,16 @@ def test_a_kill_during_the_first_checkpoint_resumes_from_best(setup):
     assert iterations_of(out) == [0, 1, 2] and not stale.exists()  # 0: the untrained baseline
 
 
+def test_fit_with_a_damaged_potential_file_fails_before_the_first_rollout(setup):
+    pytest.importorskip("sevenn", reason="the sevenn extra is not installed")
+    tmp, base, _, write_config = setup
+    (tmp / "bad.pth").write_bytes(b"not a model")
+    config = write_config("bad.yaml", reward={"kind": "energy", "backend": {"name": "sevenn", "model": str(tmp / "bad.pth")}})
+    res = fit(config, base, tmp / "run")
+    assert_clean_error(res, "SevenNet model file", "bad.pth", "could not be loaded")
+    assert not (tmp / "run" / "last.pt").exists()
+
+
 def test_fit_output_folder_checked_before_any_work(setup):
     tmp, base, config, _ = setup
     (tmp / "afile").write_text("x")

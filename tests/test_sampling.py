@@ -111,6 +111,9 @@ def test_a_float64_model_loads_as_float64(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(gen.net.parameters(), back.net.parameters()))
     template = composition_batch(["SrTiO3"], 2).to(dtype=torch.float64)
     assert back.sample(template, seed=1, steps=3).frac.dtype == torch.float64
+    # half-precision weights load as float32: geometry in half precision is meaningless
+    save_torch(tmp_path / "m16.pt", tiny_generator().to(torch.float16).checkpoint_dict())
+    assert {p.dtype for p in Generator.load(tmp_path / "m16.pt").net.parameters()} == {torch.float32}
 
 
 def test_bad_checkpoints(tmp_path):

@@ -144,8 +144,8 @@ class Generator(torch.nn.Module):
             gen = cls(config, BaseDistribution.from_config(ckpt["base"]), coverage=ckpt.get("coverage"))
         state = ckpt["state_dict"]
         dtypes = {v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-        if len(dtypes) == 1:  # a model trained in float64 stays float64 (load_state_dict would round it to float32)
-            gen = gen.to(dtype=dtypes.pop())
+        if dtypes == {torch.float64}:  # a model trained in float64 stays float64 (load_state_dict would round it);
+            gen = gen.to(dtype=torch.float64)  # half-precision weights load as float32, the geometry's minimum
         missing, unexpected = gen.net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{where}: network weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
@@ -256,8 +256,15 @@ def parse_composition(formula: str, max_atoms: int | None = None) -> list[int]:
 
 
 def cell_formula(composition: "Composition") -> str:
-    """One cell's formula with its counts, in the composition's element order (``Sr2Ti2O6``, not ``Sr2 Ti2 O6``)."""
-    return "".join(f"{el}{'' if n == 1 else int(n)}" for el, n in composition.items())
+    """One cell's formula with its counts, in the composition's element order (``Sr2Ti2O6``, not ``Sr2 Ti2 O6``).
+
+    Raises ValueError for a fractional count (a cell holds whole atoms), as for a formula string."""
+    counts = []
+    for el, n in composition.items():
+        if abs(n - round(n)) > 1e-6:
+            raise ValueError(f"composition {composition.formula!r}: fractional count {n:g} of {el}; give integer counts per cell")
+        counts.append((el, int(round(n))))
+    return "".join(f"{el}{'' if n == 1 else n}" for el, n in counts)
 
 
 def composition_batch(compositions: "Sequence[str | Composition] | str | Composition", n: int = 1, max_atoms: int | None = None) -> CrystalBatch:

@@ -6,6 +6,8 @@ import glob
 import json
 import math
 import os
+import re
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -24,6 +26,11 @@ def _process_umask() -> int:
 _UMASK = _process_umask()
 #: temporary files of atomic writes older than this were left by an earlier process (killed mid-write)
 _STARTED = time.time()
+#: who writes a temporary file: its name carries host and process id, so a cleanup never takes a live write's file
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+_PART = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.part$")
+#: a temporary file of another machine (a shared file system) untouched this long is taken as abandoned
+_FOREIGN_PART_AGE_S = 3600.0
 
 
 @contextmanager
@@ -31,7 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -47,9 +54,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_stale_parts(folder: str | os.PathLike, names: list[str] | None = None, recursive: bool = False) -> int:
-    """Delete the temporary files (``.NAME.*.part``) that a process killed during an atomic write left in ``folder``:
-    of the outputs ``names`` only, or of any output (a folder the command owns); ``recursive`` includes subfolders.
-    Only files older than this process are touched, never a finished output. Returns how many were removed."""
+    """Delete the temporary files (``.NAME.HOST-PID.*.part``) that a process killed during an atomic write left in
+    ``folder``: of the outputs ``names`` only, or of any output (a folder the command owns); ``recursive`` includes
+    subfolders. A file whose writer is still running is never touched (same host: its process exists; another
+    host: written to within the last hour), nor a finished output. Returns how many were removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
@@ -58,12 +66,30 @@ def remove_stale_parts(folder: str | os.PathLike, names: list[str] | None = None
     for pattern in patterns:
         for part in folder.rglob(pattern) if recursive else folder.glob(pattern):
             try:
-                if part.is_file() and part.stat().st_mtime < _STARTED:
+                if part.is_file() and _abandoned(part):
                     part.unlink()
                     removed += 1
             except OSError:  # gone already, or not ours to remove: leave it
                 continue
     return removed
+
+
+def _abandoned(part: Path) -> bool:
+    owner = _PART.match(part.name)
+    if owner is None:  # not named by this version: only if it predates this process
+        return part.stat().st_mtime < _STARTED
+    if owner["host"] != _HOST:
+        return time.time() - part.stat().st_mtime > _FOREIGN_PART_AGE_S
+    pid = int(owner["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def recover_first_checkpoint(last: str | os.PathLike, best: str | os.PathLike) -> bool:

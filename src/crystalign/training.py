@@ -480,7 +480,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
     from crystalign.io import check_output_dir, recover_first_checkpoint, remove_stale_parts, write_json
 
     check_trainer_options(cfg.trainer)
-    if str(cfg.trainer.precision) in ("16-true", "bf16-true", "16", "bf16"):
+    if str(cfg.trainer.precision) in ("16-true", "bf16-true"):  # (Lightning's "16"/"bf16" mean the -mixed ones)
         # Lightning casts each batch to the half type before the network sees it: fractional coordinates rounded to
         # bf16 are off by up to 2e-3, a 1.6 rad phase error at the top Fourier frequency, and an EMA would never move
         raise ConfigError(
@@ -492,14 +492,20 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
         check_output_dir(out)
         remove_stale_parts(out)  # temporary files of a checkpoint write that a kill interrupted
     last = out / "last.ckpt"
+    resume_from = last
     changes: dict[str, tuple[Any, Any]] = {}
     saved_prov: dict[str, Any] = {}
     if resume:
-        if rank_zero_only.rank == 0 and recover_first_checkpoint(last, out / "best.ckpt"):
+        if not last.exists() and (out / "best.ckpt").is_file():
+            # stopped while writing its first checkpoints: best.ckpt (written first) holds that same point. Every
+            # rank reads it (none waits for another's copy); rank 0 also makes it last.ckpt for later resumes
             log.warning("%s: the run was stopped while writing its first checkpoint; resuming from best.ckpt", out)
-        saved_prov = read_resume_checkpoint(last)["generator"].get("provenance") or {}
+            resume_from = out / "best.ckpt"
+            if rank_zero_only.rank == 0:
+                recover_first_checkpoint(last, resume_from)
+        saved_prov = read_resume_checkpoint(resume_from)["generator"].get("provenance") or {}
         if "config" in saved_prov:
-            changes = check_resume_config(saved_prov["config"], cfg, last)
+            changes = check_resume_config(saved_prov["config"], cfg, resume_from)
         else:
             log.warning("%s records no config (an older crystalign?): config changes on resume are not checked", last)
     else:
@@ -585,7 +591,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
     )
     t0 = time.time()
     try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume else None, weights_only=True)
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its shutdown: give callers the interrupt
             raise KeyboardInterrupt from None
@@ -596,7 +602,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
     result = {"wall_s": wall, "epochs": trainer.current_epoch, "global_step": trainer.global_step, "best": ckpt_cb.best_model_path}
     result["log_dir"] = getattr(logger, "log_dir", None) if tc.logger in ("csv", "tensorboard") else None
     if resume:
-        result["resumed_from"] = {"checkpoint": str(last), "config_changes": {k: list(v) for k, v in changes.items()}}
+        result["resumed_from"] = {"checkpoint": str(resume_from), "config_changes": {k: list(v) for k, v in changes.items()}}
     else:
         result["resumed_from"] = None
     if trainer.is_global_zero:

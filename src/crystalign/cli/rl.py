@@ -37,6 +37,8 @@ def fit_cmd(
     from crystalign.generator import Generator, resolve_model
     from crystalign.model.checkpoint import read_checkpoint_file
     from crystalign.data.splits import load_training_data
+    from crystalign.rewards.base import preload
+    from crystalign.rewards.mlip import MLIPLoadError
     from crystalign.rl.loop import (
         RLConfig, RLDivergedError, RLTrainer, check_device, check_resume, check_run_dir, coverage_summary, make_policy,
     )
@@ -68,8 +70,10 @@ def fit_cmd(
             check_resume(read_checkpoint_file(out / "last.pt"), cfg, base.model_hash(), where=str(out / "last.pt"))
         train, hold, _ = load_training_data(cfg.data, str(data_root) if data_root else None)
         reward, val_reward = build_rewards(cfg.reward, train, hold)
+        preload(reward)
+        preload(val_reward)
         policy = make_policy(base, cfg)
-    except (FileNotFoundError, ValueError, ConfigError) as err:
+    except (FileNotFoundError, ValueError, ConfigError, MLIPLoadError) as err:
         _fail(str(err))
     trainer = RLTrainer(
         policy, reward, cfg, train.to(cfg.device, dtype=torch.float32), hold.to(cfg.device, dtype=torch.float32), validation_reward=val_reward

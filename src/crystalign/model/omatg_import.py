@@ -152,7 +152,9 @@ def _refuse_one_sided_variant(path: Path) -> None:
     """The VP/VE score-based-diffusion variants were trained with OMatG's one-sided interpolant (a Gaussian base,
     a network that predicts z instead of b), which crystalign does not implement: their weights would load, and
     then sample garbage under any of our configs. Their published folders carry the variant name."""
-    found = [v for v in ONE_SIDED_VARIANTS if any(v.lower() in part.lower() for part in path.parts)]
+    resolved = path.resolve()
+    named = (resolved.parent.name.lower(), resolved.name.lower())  # e.g. MP-20-CSP/VPSBD-ODE/model.ckpt
+    found = [v for v in ONE_SIDED_VARIANTS if any(v.lower() in part for part in named)]
     if found:
         raise CheckpointError(
             f"{path}: the {found[0]} variants use OMatG's one-sided score-based-diffusion interpolant, which crystalign "

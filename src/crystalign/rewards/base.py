@@ -86,8 +86,20 @@ def as_batch(structures: "CrystalBatch | Structure | Sequence[Structure]") -> "C
 def is_reward(obj: Any) -> bool:
     """A crystalign reward (batch -> RewardResult): one of ours, or a class that subclasses :class:`Reward`.
     Any other callable is a plain function of pymatgen Structures, even if it happens to have a ``name``."""
-    cls = type(obj)
-    return isinstance(obj, Reward) and (cls.__module__.startswith("crystalign.") or Reward in cls.__mro__)
+    mro = type(obj).__mro__
+    return isinstance(obj, Reward) and (Reward in mro or any(c.__module__.startswith("crystalign.") for c in mro))
+
+
+def preload(reward: Any) -> None:
+    """Load the potentials ``reward`` evaluates with (its own and its composite terms') now, so that a bad or missing
+    model file fails before the first rollout instead of minutes into a run."""
+    from crystalign.rewards.mlip import MLIPBackend
+
+    backend = getattr(reward, "backend", None)
+    if isinstance(backend, MLIPBackend):
+        backend.load()
+    for _, term, _ in getattr(reward, "terms", ()):
+        preload(term)
 
 
 def as_tensor(values: Any, like: "CrystalBatch") -> torch.Tensor:

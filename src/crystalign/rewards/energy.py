@@ -65,10 +65,10 @@ MAX_ENERGY_PER_ATOM = 20.0
 #: atoms/Å^3; the densest solids are ~0.18 (diamond). Denser cells pass the validity check but blow up MLIP
 #: neighbour lists (CHGNet took a minute on 8 atoms at 2/Å^3) and give garbage, so they are not evaluated.
 MAX_NUMBER_DENSITY = 0.5
-#: atoms/Å^3; the sparsest solids are ~0.01 and the 10 Å boxes of hull dimers 0.002. Sparser cells (an exploded
-#: structure, two atoms thousands of Å apart) make neighbour searches sized by the cell explode (CHGNet asked
-#: for 126 GB), so they are not evaluated either.
-MIN_NUMBER_DENSITY = 1e-4
+#: atoms/Å^3; the sparsest solids are ~0.01, the 10 Å boxes of hull dimers 0.002, a molecule in a 40 Å box 3e-5.
+#: Sparser cells (an exploded structure, two atoms thousands of Å apart) make neighbour searches sized by the
+#: cell explode (CHGNet asked for 126 GB), so they are not evaluated either.
+MIN_NUMBER_DENSITY = 1e-5
 #: min over pairs of d_ij / (r_cov,i + r_cov,j) below which an MLIP energy is not trusted. Measured smallest real
 #: values: 0.69 (perov_5), 0.76 (mp_20 sample); a Cl moved to 0.60 Å from a Na in NaCl gives 0.36.
 MIN_RADIUS_RATIO = 0.5
