@@ -121,7 +121,7 @@ def test_predict_with_a_local_mace_file(tmp_path):
     assert not (tmp_path / "none").exists()
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"not a model")
-    for model, message in ((garbage, "garbage.model could not be loaded"), (tmp_path / "typo.model", "typo.model does not exist")):
+    for model, message in ((garbage, "garbage.model' could not be loaded"), (tmp_path / "typo.model", "typo.model does not exist")):
         res = CliRunner().invoke(app, ["predict", "SrTiO3", "--backend", "mace", "--mlip-model", str(model), "--out", str(tmp_path / "none")])
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
         assert not (tmp_path / "none").exists()
