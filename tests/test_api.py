@@ -61,6 +61,8 @@ def test_compositions_as_a_formula_a_composition_or_a_list(perov):
         perov.sample_compositions("BN", batch_size=0)
     with pytest.raises(TypeError, match="formula string or a pymatgen Composition, got int"):
         parse_composition(5)
+    with pytest.raises(TypeError, match="compositions must be a formula, a pymatgen Composition or a list of them, got int"):
+        perov.sample_compositions(5)
     with pytest.raises(ValueError, match="fractional count 2.5 of Fe"):  # not silently Fe2O
         perov.sample_compositions(Composition("Fe2.5O"), n=1, steps=3)
 

@@ -115,6 +115,9 @@ def test_multi_fidelity_mlip_takes_its_modal(tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "pbe" / "summary.json").read_text())
     assert summary["options"]["mlip_modal"] == "PBE" and summary["n_candidates"] == 2
+    # a modal for a model without modals would be recorded but not used
+    res = CliRunner().invoke(app, [*args[:-2], "--modal", "PBE", "--out", str(tmp_path / "plain")])
+    assert res.exit_code != 0 and "has no modals" in res.output and not (tmp_path / "plain").exists()
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path):

@@ -279,7 +279,14 @@ def composition_batch(compositions: "Sequence[str | Composition] | str | Composi
         raise ValueError(f"n must be >= 1, got {n}")
     if isinstance(compositions, (str, Composition)):  # one formula, not a sequence of characters or elements
         compositions = [compositions]
-    compositions = [cell_formula(c) if isinstance(c, Composition) else c for c in compositions]
+    try:
+        compositions = [cell_formula(c) if isinstance(c, Composition) else c for c in compositions]
+    except TypeError:
+        if hasattr(compositions, "__iter__"):
+            raise
+        raise TypeError(
+            f"compositions must be a formula, a pymatgen Composition or a list of them, got {type(compositions).__name__}"
+        ) from None
     if not compositions:
         raise ValueError("no compositions given")
     species, counts, ids = [], [], []

@@ -87,7 +87,7 @@ def resolve_config(config: Path) -> Path:
 def sample_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Shipped model name or checkpoint path."),
     composition: Optional[list[str]] = typer.Option(None, "--composition", "-c", help="Formula, e.g. SrTiO3 (repeatable)."),
-    compositions_from: Optional[Path] = typer.Option(None, "--compositions-from", help="Reference file: sample each row's composition, in row order."),
+    compositions_from: Optional[Path] = typer.Option(None, "--compositions-from", help="Reference file or dataset name: sample each row's composition, in row order."),
     n: int = typer.Option(1, "-n", help="Structures per composition (with --composition)."),
     k: int = typer.Option(1, "-k", help="Structures per reference row (with --compositions-from)."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder."),

@@ -21,7 +21,8 @@ def import_omatg(
 
     The weights are checked name by name; interpolants, base distribution and sampler come from --config
     (default: the paper's MP-20 Trig-SDE-Gamma setup, the checkpoint OMatG-IRL starts from). The Linear, Trig
-    and EncDec variants import; the VPSBD/VESBD variants (a one-sided interpolant) do not.
+    and EncDec variants import; the VPSBD/VESBD variants (a one-sided interpolant) do not, and are recognised by
+    the variant name of their published folder (e.g. MP-20-CSP/VPSBD-ODE/model.ckpt): keep that folder name.
 
     Example: crystalign import-omatg MP-20-CSP/Trig-SDE-Gamma/model.ckpt --out mp20_trig_sde.pt
     """

@@ -17,7 +17,7 @@ def predict_cmd(
     composition: str = typer.Argument(DEFAULT_COMPOSITION, help="Chemical formula of one cell, e.g. SrTiO3."),
     n: int = typer.Option(32, "-n", help="Candidates to sample from the base model (per cell size), and as many from the RL policy."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Shipped model name (see `crystalign models`) or checkpoint path."),
-    reward: str = typer.Option("energy", "--reward", help="Objective to steer toward; 'energy' = MLIP energy per atom."),
+    reward: str = typer.Option("energy", "--reward", help="Objective: only 'energy' (MLIP energy per atom); other rewards through `crystalign rl fit`."),
     backend: str = typer.Option("sevenn", "--backend", help="MLIP for energies, RL reward and relaxation: sevenn, chgnet or mace."),
     mlip_model: Optional[str] = typer.Option(
         None, "--mlip-model",

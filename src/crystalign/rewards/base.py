@@ -1,6 +1,7 @@
 """The reward interface, user-callable rewards and the config factory.
 
-A reward maps a :class:`~crystalign.crystal.CrystalBatch` of B structures to a :class:`RewardResult`: a (B,)
+A reward maps a :class:`~crystalign.crystal.CrystalBatch` of B structures (or pymatgen Structures, e.g. what
+``Generator.sample_compositions`` returns) to a :class:`RewardResult`: a (B,)
 float64 tensor that RL *maximises*, plus per-structure diagnostics. Every diagnostic is a (B,) float64 tensor
 (flags are 0/1, quantities that do not exist for a structure are NaN), so callers can log
 ``nanmean`` of any key without special cases.

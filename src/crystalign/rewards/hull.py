@@ -302,7 +302,8 @@ def build_hull(
     if partial_file is not None and resume and partial_file.exists():
         saved = json.loads(partial_file.read_text())
         if saved.get("run") != run:
-            raise ValueError(f"--resume: {partial_file} was made with other references or backend settings; rebuild without --resume")
+            raise ValueError(f"--resume: {partial_file} was made with other references or backend settings; rerun with the original "
+                             f"references and settings, or delete {partial_file} to start over")
         done = saved["batches"]
 
     def evaluate(structs: Sequence["Structure"], names: Sequence[str], bar=None, keep: bool = False) -> list[HullEntry]:

@@ -283,8 +283,8 @@ class SevenNetBackend(MLIPBackend):
                         "(if it came from a hull file, the file predates crystalign recording the modal: rebuild it)"
                     )
                 net.prepare_modal_deploy(self.modal)
-            elif self.modal is not None:
-                warnings.warn(f"modal={self.modal!r} is ignored: SevenNet model {self.model!r} has no modals", stacklevel=3)
+            elif self.modal is not None:  # recorded in hulls and summaries: it must not claim a fidelity it did not use
+                raise ValueError(f"modal={self.modal!r} given, but SevenNet model {self.model!r} has no modals; leave --modal out")
             net.set_is_batch_data(self.batch_size > 1)
             if self.dtype != torch.float32:
                 # the one-hot embedding hard-codes float32; cast its output so the rest can run in float64
