@@ -264,6 +264,34 @@ def _hull_dict() -> dict:
     }
 
 
+def test_a_reference_cif_folder_reads_as_sample_reads_it(perov_pair, tmp_path):
+    """Unpadded names (mp-10009_GaTe.cif, ...) are fine for references: they are read in file-name order, as
+    `sample --compositions-from` reads them, so the samples pair with them; a broken CIF in a hull's reference
+    folder is skipped with a warning naming it."""
+    gen, _, rows = perov_pair
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i, row in enumerate(rows):
+        (refs / f"mp-{10 - 9 * i}_x.cif").write_text(row["cif"])  # mp-10_x.cif before mp-1_x.cif by name
+    sampled = invoke("sample", "-m", "perov_5", "--compositions-from", refs, "--steps", "3", "--out", tmp_path / "s")
+    assert sampled.exit_code == 0, sampled.output
+    res = invoke("evaluate", tmp_path / "s", "-r", refs, "--json")
+    assert res.exit_code == 0 and "composition" not in res.output, res.output  # each sample meets its own reference
+    from crystalign.rewards.references import load_structures
+
+    (refs / "zz_broken.cif").write_text("data_x\n_cell_length_a garbage\n")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable CIF file\(s\): zz_broken.cif"):
+        structures, ids = load_structures(refs)
+    assert ids == ["mp-10_x", "mp-1_x"] and len(structures) == 2
+
+
+def test_fewer_samples_than_references_says_so(perov_pair, tmp_path):
+    gen, ref, _ = perov_pair
+    (gen / "000000.cif").unlink()
+    res = invoke("evaluate", gen, "-r", ref)
+    assert_clean_error(res, "every reference needs at least one sample")
+
+
 def test_hull_file_errors_name_the_file_and_entry(tmp_path):
     good = tmp_path / "hull.json"
     good.write_text(json.dumps(_hull_dict()))

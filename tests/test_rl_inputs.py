@@ -288,7 +288,10 @@ def test_damaged_or_foreign_rl_checkpoints_are_clean_errors(rl_checkpoint, tmp_p
 def test_rl_sample_explicit_steps_and_early_out_check(rl_checkpoint, tmp_path):
     res = runner.invoke(app, ["rl", "sample", str(rl_checkpoint), "-c", "NaCl", "-n", "2", "--steps", "4", "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "s" / "samples.json").read_text())["steps"] == 4
+    record = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert record["steps"] == 4
+    n_valid = sum(s["valid"] for s in record["structures"])
+    assert f"wrote 2 structures to {tmp_path / 's'} ({n_valid} valid" in " ".join(res.output.split())
     (tmp_path / "afile").write_text("x")
     res = runner.invoke(app, ["rl", "sample", str(rl_checkpoint), "-c", "NaCl", "--out", str(tmp_path / "afile")])
     assert_clean_error(res, "afile", "existing file")

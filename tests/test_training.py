@@ -168,6 +168,32 @@ def test_a_kill_during_the_first_checkpoint_resumes_from_best(tmp_path, data_roo
     assert result["epochs"] == 2 and _weights(out / "last.ckpt").keys() == straight.keys()
 
 
+def test_resume_refuses_a_run_past_max_epochs_and_a_changed_cif_folder(tmp_path, data_root, perov_val_csv):
+    """Resuming a finished run without raising max_epochs was a Lightning traceback (and an empty log folder); a
+    CIF folder changed since the checkpoint trained on other data silently (folders had no digest)."""
+    import csv
+
+    from crystalign.training import RunFolderError
+
+    folder = tmp_path / "mycifs"
+    folder.mkdir()
+    csv.field_size_limit(1 << 30)
+    with open(perov_val_csv, newline="") as fh:
+        for i, row in zip(range(40), csv.DictReader(fh)):
+            (folder / f"s{i:02d}.cif").write_text(row["cif"])
+    quick = {"validation.match_every_n_epochs": 0, "data.dataset": str(folder), "optim.max_epochs": 2}
+    out = tmp_path / "run"
+    train(tiny_config(**quick), out, data_root=str(data_root))
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+    with pytest.raises(RunFolderError, match="already at epoch 2, past optim.max_epochs = 1; pass --max-epochs above 2"):
+        train(tiny_config(**{**quick, "optim.max_epochs": 1}), out, resume=True, data_root=str(data_root))
+    assert sorted(p.name for p in (out / "logs").iterdir()) == logs
+    for f in sorted(folder.iterdir())[:10]:
+        f.unlink()
+    with pytest.raises(RunFolderError, match="changed since"):
+        train(tiny_config(**{**quick, "optim.max_epochs": 3}), out, resume=True, data_root=str(data_root))
+
+
 def test_epochs_after_the_last_validation_are_checkpointed(tmp_path, data_root):
     cfg = tiny_config(**{"validation.every_n_epochs": 2, "validation.match_every_n_epochs": 0, "optim.max_epochs": 3})
     result = train(cfg, tmp_path / "run", data_root=str(data_root))

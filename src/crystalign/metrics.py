@@ -286,6 +286,11 @@ def csp_metrics(
     if not gen:
         raise ValueError("no generated structures given")
     if k is None:
+        if len(gen) < len(ref):
+            raise ValueError(
+                f"{len(gen)} generated structures for {len(ref)} references: every reference needs at least one "
+                "sample (generated structure i*k + j is sample j of reference i)"
+            )
         if len(gen) % len(ref):
             raise ValueError(
                 f"{len(gen)} generated structures is not a multiple of {len(ref)} references; pass k explicitly"

@@ -503,7 +503,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, data_root
             resume_from = out / "best.ckpt"
             if rank_zero_only.rank == 0:
                 recover_first_checkpoint(last, resume_from)
-        saved_prov = read_resume_checkpoint(resume_from)["generator"].get("provenance") or {}
+        saved = read_resume_checkpoint(resume_from)
+        saved_prov = saved["generator"].get("provenance") or {}
+        done_epochs = int(saved.get("epoch") or 0)
+        if done_epochs > cfg.optim.max_epochs:  # Lightning would refuse mid-start, after the logger made a folder
+            raise RunFolderError(
+                f"--resume: {resume_from} is already at epoch {done_epochs}, past optim.max_epochs = "
+                f"{cfg.optim.max_epochs}; pass --max-epochs above {done_epochs} to train further"
+            )
         if "config" in saved_prov:
             changes = check_resume_config(saved_prov["config"], cfg, resume_from)
         else:

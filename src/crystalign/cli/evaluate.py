@@ -200,8 +200,10 @@ def load_structures(
 
         ds = load_dataset(str(path), data_root=str(data_root) if data_root else None)
         return ds.batch.to_structures(), ds.ids
-    if path.is_dir() and not (path / "data.mdb").exists():
+    if path.is_dir() and not (path / "data.mdb").exists() and (tolerate_unreadable or (path / "index.json").exists()):
         return _load_cif_folder(path, tolerate_unreadable)
+    # a reference CIF folder is read as every command reads it (`sample --compositions-from` included): the data
+    # readers, in file-name order, so its rows pair with the samples drawn from it
     suffix = path.suffix.lower()
     if tolerate_unreadable:
         if suffix in (".extxyz", ".xyz"):

@@ -152,10 +152,15 @@ def sample_cmd(
     except KeyboardInterrupt:
         kept = len(list((out / ".sampling").glob("batch_*.pt")))
         _fail(f"interrupted; {kept} finished batch(es) kept in {out / '.sampling'}: rerun the same command with --resume", code=130)
-    typer.echo(f"wrote {result['n']} structures to {out} ({result['n_valid']} valid, {result['wall_s']:.1f} s)")
-    if result["n_valid"] < result["n"]:
+    report_samples(out, result["n"], result["n_valid"], result["wall_s"])
+
+
+def report_samples(out: Path, n: int, n_valid: int, wall_s: float) -> None:
+    """What `sample` and `rl sample` say when done: where, how many, how many valid."""
+    typer.echo(f"wrote {n} structures to {out} ({n_valid} valid, {wall_s:.1f} s)")
+    if n_valid < n:
         typer.secho(
-            f"warning: {result['n'] - result['n_valid']} structure(s) fail the validity check (flat or collapsed cells, "
+            f"warning: {n - n_valid} structure(s) fail the validity check (flat or collapsed cells, "
             "overlapping atoms); they are written and flagged in samples.json",
             fg=typer.colors.YELLOW, err=True,
         )
@@ -203,7 +208,8 @@ def composition_coverage_warnings(gen, template) -> list[str]:
         if key in seen:
             continue
         seen.add(key)
-        formula = cell_formula(Composition({Element.from_Z(a).symbol: key.count(a) for a in set(key)}))
+        # pymatgen's formula orders elements by electronegativity (SrTiO3, not O3SrTi)
+        formula = cell_formula(Composition(Composition({Element.from_Z(a).symbol: key.count(a) for a in set(key)}).formula))
         out += [f"{formula}: {w}" for w in coverage_warnings(gen, list(key))]
     return out
 

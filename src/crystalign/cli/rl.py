@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
@@ -242,7 +243,7 @@ def sample_cmd(
     from crystalign.generator import composition_batch
     from crystalign.io import check_output_dir, write_structure_set
     from crystalign.rl.loop import check_device, load_policy
-    from crystalign.cli.generate import check_sample_counts, check_sample_folder
+    from crystalign.cli.generate import check_sample_counts, check_sample_folder, composition_coverage_warnings, report_samples
     from crystalign.steering import SteeredModel
 
     check_sample_counts(composition, compositions_from, n, k)
@@ -268,9 +269,15 @@ def sample_cmd(
             template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    warns = composition_coverage_warnings(policy.reference, template)
+    for w in warns:
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+    t0 = time.time()
     batch = SteeredModel(policy.to(dev)).sample_batch(template, steps=steps, seed=seed, noise=not no_noise, batch_size=batch_size, progress=None).to("cpu")
-    write_structure_set(out, batch, {"checkpoint": str(checkpoint), "iteration": state.get("iteration"), "seed": seed, "noise": not no_noise, "steps": steps})
-    typer.echo(f"wrote {batch.num_structures} structures to {out}")
+    valid = batch.validity().valid.tolist()
+    record = {"checkpoint": str(checkpoint), "iteration": state.get("iteration"), "seed": seed, "noise": not no_noise, "steps": steps, "coverage_warnings": warns}
+    write_structure_set(out, batch, record, valid=valid)
+    report_samples(out, batch.num_structures, sum(valid), time.time() - t0)
 
 
 @app.command("plot-schedule")

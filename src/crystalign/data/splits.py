@@ -7,6 +7,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,23 @@ def load_training_data(cfg: DataConfig, data_root: str | None = None) -> tuple[C
         train_ds, hold_ds = ds.random_split(cfg.holdout_fraction, seed=cfg.split_seed)
     else:
         train_ds, hold_ds = ds, ds.subset(np.arange(0))
+    digest = _source_digest(source)
+    return train_ds.batch, hold_ds.batch, digest
+
+
+def _source_digest(source: str | Path | None) -> str:
+    """sha256 of the data a run trains on: the file, or every file of a folder (names and bytes, in name order),
+    so that ``--resume`` notices a changed dataset either way."""
     from crystalign.data.download import sha256_file
 
-    digest = sha256_file(source) if source is not None and Path(source).is_file() else ""
-    return train_ds.batch, hold_ds.batch, digest
+    if source is None:
+        return ""
+    path = Path(source)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{file.relative_to(path).as_posix()}:{sha256_file(file)};".encode())
+    return digest.hexdigest()

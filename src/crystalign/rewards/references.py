@@ -36,7 +36,20 @@ def load_structures(path: str | Path | Sequence[str | Path]) -> tuple[list["Stru
         files = sorted(path.glob("*.cif"))
         if not files:
             raise ValueError(f"{path}: folder holds no .cif files")
-        return load_structures(files)
+        structures, ids, bad = [], [], []
+        for file in files:
+            try:
+                got, got_ids = load_structures(file)
+            except Exception as err:  # noqa: BLE001 - pymatgen raises many kinds for a broken CIF
+                bad.append(f"{file.name} ({(str(err).strip().splitlines() or [type(err).__name__])[0]})")
+                continue
+            structures += got
+            ids += got_ids
+        if not structures:
+            raise ValueError(f"{path}: no readable CIF file: {'; '.join(bad[:3])}")
+        if bad:
+            warnings.warn(f"{path}: skipped {len(bad)} unreadable CIF file(s): {'; '.join(bad[:5])}", stacklevel=2)
+        return structures, ids
     if path.suffix.lower() == ".csv":
         return _from_csv(path)
     if path.suffix.lower() == ".cif":
