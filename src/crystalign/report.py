@@ -556,16 +556,17 @@ def write_report(
 
     sections = []
     n_valid = sum(r.valid for r in rows)
-    sections.append(
-        _section(
-            "candidates",
-            f"Candidates ({len(rows)}, {n_valid} valid)",
-            "ranked by MLIP energy per atom (lower is more stable); 'above best' is the gap to the lowest-energy "
-            "valid candidate in meV/atom, so 0 marks the best. Invalid structures (overlapping atoms, degenerate "
-            "cells) are greyed out and have no gap.",
-            _candidate_table(rows, out_dir) if rows else "<p>No candidates.</p>",
+    if rows:  # an RL-fit report has training curves, no candidates
+        sections.append(
+            _section(
+                "candidates",
+                f"Candidates ({len(rows)}, {n_valid} valid)",
+                "ranked by MLIP energy per atom (lower is more stable); 'above best' is the gap to the lowest-energy "
+                "valid candidate in meV/atom, so 0 marks the best. Invalid structures (overlapping atoms, degenerate "
+                "cells) are greyed out and have no gap.",
+                _candidate_table(rows, out_dir),
+            )
         )
-    )
 
     if structures is not None and top_k > 0:
         order = sorted(range(len(rows)), key=lambda i: (_finite(rows[i].rank) is None, _finite(rows[i].rank) or 0.0, i))
