@@ -194,6 +194,25 @@ def test_resume_refuses_a_run_past_max_epochs_and_a_changed_cif_folder(tmp_path,
         train(tiny_config(**{**quick, "optim.max_epochs": 3}), out, resume=True, data_root=str(data_root))
 
 
+def test_a_broken_file_in_a_cif_folder_stops_training_unless_skip_bad(tmp_path, data_root, perov_val_csv):
+    import csv
+
+    folder = tmp_path / "mycifs"
+    folder.mkdir()
+    csv.field_size_limit(1 << 30)
+    with open(perov_val_csv, newline="") as fh:
+        for i, row in zip(range(30), csv.DictReader(fh)):
+            (folder / f"s{i:02d}.cif").write_text(row["cif"])
+    (folder / "zz_broken.cif").write_text("data_x\n_cell_length_a garbage\n")
+    quick = {"validation.match_every_n_epochs": 0, "data.dataset": str(folder)}
+    with pytest.raises(Exception, match="zz_broken"):
+        train(tiny_config(**quick), tmp_path / "strict", data_root=str(data_root))
+    with pytest.warns(UserWarning, match=r"data.skip_bad: left out 1 structure\(s\) .*zz_broken"):
+        result = train(tiny_config(**quick, **{"data.skip_bad": True}), tmp_path / "run", data_root=str(data_root))
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert result["epochs"] == 1 and summary["n_train"] + summary["n_holdout"] == 30
+
+
 def test_epochs_after_the_last_validation_are_checkpointed(tmp_path, data_root):
     cfg = tiny_config(**{"validation.every_n_epochs": 2, "validation.match_every_n_epochs": 0, "optim.max_epochs": 3})
     result = train(cfg, tmp_path / "run", data_root=str(data_root))

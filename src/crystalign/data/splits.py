@@ -8,6 +8,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,21 @@ class DataConfig:
     niggli: bool = True
     primitive: bool = False
     max_structures: int | None = None
+    #: leave out unreadable or invalid structures (with a warning naming them) instead of stopping
+    skip_bad: bool = False
 
 
 def load_training_data(cfg: DataConfig, data_root: str | None = None) -> tuple[CrystalBatch, CrystalBatch, str]:
     """(train, holdout, sha256 of the source file) for a dataset name or path."""
     from crystalign.data import load_dataset
 
-    ds = load_dataset(cfg.dataset, split=cfg.split, data_root=data_root, niggli=cfg.niggli, primitive=cfg.primitive)
+    ds = load_dataset(
+        cfg.dataset, split=cfg.split, data_root=data_root, niggli=cfg.niggli, primitive=cfg.primitive, skip_bad=cfg.skip_bad
+    )
+    if ds.skipped:
+        shown = "; ".join(f"{sid}: {why}" for sid, why in ds.skipped[:5])
+        more = f" (and {len(ds.skipped) - 5} more)" if len(ds.skipped) > 5 else ""
+        warnings.warn(f"data.skip_bad: left out {len(ds.skipped)} structure(s) of {cfg.dataset}: {shown}{more}", stacklevel=2)
     source = ds.source
     if cfg.max_structures:
         ds = ds.subset(np.arange(min(cfg.max_structures, len(ds))))
