@@ -168,19 +168,24 @@ def test_a_kill_during_the_first_checkpoint_resumes_from_best(tmp_path, data_roo
     assert result["epochs"] == 2 and _weights(out / "last.ckpt").keys() == straight.keys()
 
 
+def cif_folder(folder: Path, csv_path: Path, n: int) -> Path:
+    """A user's dataset as a folder of CIF files: the first ``n`` rows of a CDVAE-style CSV."""
+    import csv
+
+    folder.mkdir()
+    csv.field_size_limit(1 << 30)
+    with open(csv_path, newline="") as fh:
+        for i, row in zip(range(n), csv.DictReader(fh)):
+            (folder / f"s{i:02d}.cif").write_text(row["cif"])
+    return folder
+
+
 def test_resume_refuses_a_run_past_max_epochs_and_a_changed_cif_folder(tmp_path, data_root, perov_val_csv):
     """Resuming a finished run without raising max_epochs was a Lightning traceback (and an empty log folder); a
     CIF folder changed since the checkpoint trained on other data silently (folders had no digest)."""
-    import csv
-
     from crystalign.training import RunFolderError
 
-    folder = tmp_path / "mycifs"
-    folder.mkdir()
-    csv.field_size_limit(1 << 30)
-    with open(perov_val_csv, newline="") as fh:
-        for i, row in zip(range(40), csv.DictReader(fh)):
-            (folder / f"s{i:02d}.cif").write_text(row["cif"])
+    folder = cif_folder(tmp_path / "mycifs", perov_val_csv, 40)
     quick = {"validation.match_every_n_epochs": 0, "data.dataset": str(folder), "optim.max_epochs": 2}
     out = tmp_path / "run"
     train(tiny_config(**quick), out, data_root=str(data_root))
@@ -195,14 +200,7 @@ def test_resume_refuses_a_run_past_max_epochs_and_a_changed_cif_folder(tmp_path,
 
 
 def test_a_broken_file_in_a_cif_folder_stops_training_unless_skip_bad(tmp_path, data_root, perov_val_csv):
-    import csv
-
-    folder = tmp_path / "mycifs"
-    folder.mkdir()
-    csv.field_size_limit(1 << 30)
-    with open(perov_val_csv, newline="") as fh:
-        for i, row in zip(range(30), csv.DictReader(fh)):
-            (folder / f"s{i:02d}.cif").write_text(row["cif"])
+    folder = cif_folder(tmp_path / "mycifs", perov_val_csv, 30)
     (folder / "zz_broken.cif").write_text("data_x\n_cell_length_a garbage\n")
     quick = {"validation.match_every_n_epochs": 0, "data.dataset": str(folder)}
     with pytest.raises(Exception, match="zz_broken"):

@@ -15,7 +15,7 @@ import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
@@ -97,7 +97,7 @@ class Generator(torch.nn.Module):
         """New structures with the compositions (species, n_atoms) of ``template``; ``seed=None`` draws a fresh
         seed (different structures on every call), a ``generator`` continues its stream."""
         if generator is None:
-            generator = _cpu_generator(seed)
+            generator = cpu_generator(seed)
         x0 = self.base_sample(template.species, template.n_atoms, generator)
         out = self.sampler(**sampler_overrides).sample(x0, generator=generator)
         return out.replace(ids=template.ids)
@@ -115,7 +115,7 @@ class Generator(torch.nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         template = composition_batch(compositions, n, max_atoms=self.config.max_atoms)
-        g = _cpu_generator(seed)  # one stream through all batches, as `crystalign sample` draws it
+        g = cpu_generator(seed)  # one stream through all batches, as `crystalign sample` draws it
         out = [self.sample(part, generator=g, **sampler_overrides) for part in template.split(batch_size)]
         return CrystalBatch.cat(out).to_structures()
 
@@ -187,7 +187,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
     raise FileNotFoundError(f"unknown model {name_or_path!r}: not a shipped model ({', '.join(models) or 'none'}) nor an existing file")
 
 
-def _cpu_generator(seed: int | None) -> torch.Generator:
+def cpu_generator(seed: int | None) -> torch.Generator:
     """Random numbers are drawn on the CPU and moved, so a seed gives the same structures on any device.
     ``None``: a fresh nondeterministic seed (an unseeded torch.Generator would always start from the same one)."""
     g = torch.Generator()
@@ -279,14 +279,11 @@ def composition_batch(compositions: "Sequence[str | Composition] | str | Composi
         raise ValueError(f"n must be >= 1, got {n}")
     if isinstance(compositions, (str, Composition)):  # one formula, not a sequence of characters or elements
         compositions = [compositions]
-    try:
-        compositions = [cell_formula(c) if isinstance(c, Composition) else c for c in compositions]
-    except TypeError:
-        if hasattr(compositions, "__iter__"):
-            raise
+    elif not isinstance(compositions, Iterable):
         raise TypeError(
             f"compositions must be a formula, a pymatgen Composition or a list of them, got {type(compositions).__name__}"
-        ) from None
+        )
+    compositions = [cell_formula(c) if isinstance(c, Composition) else c for c in compositions]
     if not compositions:
         raise ValueError("no compositions given")
     species, counts, ids = [], [], []

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 
 from crystalign.crystal import CrystalBatch
-from crystalign.generator import Generator, check_seed, composition_batch
+from crystalign.generator import Generator, composition_batch, cpu_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from pymatgen.core import Composition, Structure
@@ -80,7 +80,7 @@ class SteeredModel:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = next(self.policy.reference.parameters()).device
-        g = torch.Generator().manual_seed(check_seed(seed))
+        g = cpu_generator(seed)
         template = template.to(device=device, dtype=torch.float32)
         parts = []
         # progress None: a bar only on a terminal
