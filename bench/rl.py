@@ -21,7 +21,9 @@ from crystalign.distributions import BaseDistribution
 from crystalign.generator import Generator, GeneratorConfig
 from crystalign.model.cspnet import CSPNetConfig
 from crystalign.rewards.symmetry import NonTriclinicReward
-from crystalign.rl.loop import Policy, RLConfig, RLTrainer
+from crystalign.rl.config import RLConfig
+from crystalign.rl.rollout import Policy
+from crystalign.rl.trainer import RLTrainer
 from crystalign.settings import tune_allocator
 
 REFERENCE = {"total_s": 2.24, "rollout_s": 0.99, "update_s": 1.23}

@@ -19,7 +19,8 @@ import torch
 from crystalign.io import write_json
 from crystalign.metrics import csp_metrics
 from crystalign.rewards import EnergyReward
-from crystalign.rl.loop import Policy, load_policy, rollout
+from crystalign.rl.checkpoints import load_policy
+from crystalign.rl.rollout import Policy, rollout
 from crystalign.data.splits import load_training_data
 
 

@@ -74,7 +74,7 @@ def test_numpy_integer_seeds_are_seeds(perov):
     assert [s.frac_coords.tolist() for s in a] == [s.frac_coords.tolist() for s in b]
     with pytest.raises(TypeError, match="seed must be an integer or None, got float"):
         perov.sample_compositions("SrTiO3", seed=1.5)
-    from crystalign.rl.loop import RLConfig
+    from crystalign.rl.config import RLConfig
 
     cfg = RLConfig(seed=np.int64(7))
     assert cfg.seed == 7 and type(cfg.seed) is int  # plain data in checkpoints and YAML

@@ -30,7 +30,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, root: Path) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root = root
-        self.mode = "ok"  # ok | wrong | lfs
+        self.mode = "ok"  # ok | wrong | lfs | busy (HTTP 503)
         self.honour_range = True
         self.drops = 0  # the next `drops` responses stop half-way
         self.requests: list[dict] = []
@@ -50,6 +50,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         srv: _Server = self.server  # type: ignore[assignment]
         srv.requests.append({"path": self.path, "range": self.headers.get("Range")})
+        if srv.mode == "busy":
+            self.send_error(503)
+            return
         if srv.mode == "lfs":
             data = LFS_POINTER
         else:
@@ -136,7 +139,7 @@ def test_git_lfs_pointer_is_a_clear_error(server, tmp_path):
     server.mode = "lfs"
     with pytest.raises(DataError, match="Git-LFS pointer"):
         _get(server, tmp_path)
-    assert not list((tmp_path / "perov_5").iterdir())
+    assert not (tmp_path / "perov_5").exists()  # nothing kept, not even the folder the call created
 
 
 def test_interrupted_download_resumes_with_range(server, tmp_path):
@@ -211,3 +214,70 @@ def test_cli_download(server, tmp_path):
         app, ["data", "download", "perov_5", "--split", "val", "--cache", str(tmp_path), "--base-url", server.url, "--no-progress"]
     )
     assert bad.exit_code == 1 and "Git-LFS pointer" in bad.output
+
+
+# ---------------------------------------------------------------------- no network
+def _closed_port() -> int:
+    """A loopback port where nothing listens: every connection is refused, as without a network."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_no_network_is_said_plainly_and_leaves_no_folder(tmp_path):
+    port = _closed_port()
+    cache = tmp_path / "cache"  # does not exist yet: the call would create cache/perov_5
+    result = CliRunner().invoke(
+        app,
+        ["data", "download", "perov_5", "--split", "val", "--cache", str(cache), "--base-url", f"http://127.0.0.1:{port}", "--no-progress"],
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    text = " ".join(result.output.split())
+    assert f"no network connection to 127.0.0.1:{port}" in text
+    assert "ROOT/perov_5/val.csv" in text and "--data-root" in text and "README" in text
+    assert "resume" not in text and "interrupted" not in text  # nothing was received
+    assert not cache.exists()
+
+
+def test_no_network_is_not_retried(tmp_path, monkeypatch):
+    import importlib
+
+    dl = importlib.import_module("crystalign.data.download")  # the package exports a function of the same name
+    calls = []
+    real = dl._transfer
+    monkeypatch.setattr(dl, "_transfer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(DataError, match="no network connection"):
+        download("perov_5", "val", cache=tmp_path / "c", base_url=f"http://127.0.0.1:{_closed_port()}", progress=False, retries=3, retry_wait=5.0)
+    assert len(calls) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_no_network_keeps_received_bytes_and_says_how_to_resume(tmp_path):
+    part = tmp_path / "perov_5" / "val.csv.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"material_id,cif\n")  # an earlier call's partial download
+    with pytest.raises(DataError) as err:
+        download("perov_5", "val", cache=tmp_path, base_url=f"http://127.0.0.1:{_closed_port()}", progress=False, retries=0)
+    message = str(err.value)
+    assert "no network connection" in message and "16 bytes received so far are kept" in message and "resume" in message
+    assert part.read_bytes() == b"material_id,cif\n"
+
+
+def test_a_failed_download_keeps_folders_that_hold_something(tmp_path):
+    (tmp_path / "perov_5").mkdir()
+    (tmp_path / "perov_5" / "train.csv").write_text("mine")
+    with pytest.raises(DataError, match="no network connection"):
+        download("perov_5", "val", cache=tmp_path, base_url=f"http://127.0.0.1:{_closed_port()}", progress=False)
+    assert (tmp_path / "perov_5" / "train.csv").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "perov_5").iterdir()) == ["train.csv"]
+
+
+def test_a_server_error_with_nothing_received_does_not_promise_a_resume(server, tmp_path):
+    server.mode = "busy"
+    with pytest.raises(DataError, match="HTTP 503") as err:
+        _get(server, tmp_path, retries=1)
+    assert "nothing was received" in str(err.value) and "resume" not in str(err.value)
+    assert len(server.requests) == 2  # a server error is retried
+    assert not (tmp_path / "perov_5").exists()

@@ -18,7 +18,8 @@ from crystalign.cli import app
 from crystalign.data import read_structures
 from crystalign.prediction import CoverageWarning, predict
 
-FAST = dict(n=4, rl_steps=2, steps=6, relax_steps=3, rl_group_size=2, rl_groups=2)
+# a loose force threshold lets 3 FIRE steps converge: only converged relaxations are ranked as answers
+FAST = dict(n=4, rl_steps=2, steps=6, relax_steps=3, fmax=5.0, rl_group_size=2, rl_groups=2)
 
 
 def test_predict_api_ranks_unique_candidates(tmp_path):
@@ -34,13 +35,32 @@ def test_predict_api_ranks_unique_candidates(tmp_path):
     for row in summary["candidates"]:
         assert (out / row["file"]).exists()
         assert row["relax"]["status"] in ("converged", "not_converged", "failed")
-    # 3 FIRE steps rarely converge: every relaxation is accounted for, and the summary says how many did not
+        assert row["trusted"] == (row["relax"]["status"] == "converged")
+    # every relaxation is accounted for
     counted = summary["n_relax_converged"] + summary["n_relax_not_converged"] + summary["n_relax_failed"]
-    assert counted <= summary["n_relaxed"] and summary["n_relax_not_converged"] >= 1
+    assert counted == summary["n_relaxed"] >= 1
+    # one stated tolerance for the space-group labels; both tolerances and the symmetrised cell of each answer
+    best = summary["candidates"][0]
+    assert summary["symprec"] == 0.1 and set(best["spacegroups"]) == {"0.01", "0.1"}
+    assert best["spacegroup"] == best["spacegroups"]["0.1"] and best["symmetry_note"]
+    assert (out / best["conventional_file"]).exists()
     assert summary["mlip"]["name"] == "sevenn" and "sevenn" in summary["versions"] and "ase" in summary["versions"]
     assert summary["options"]["relax_steps"] == 3
     html = (out / "report.html").read_text()
     assert "SrTiO3" in html and "data:image/png;base64" in html
+
+
+def test_unconverged_candidates_are_never_the_answer(tmp_path):
+    """One FIRE step converges nothing: every candidate is listed apart as untrusted, with the reason, and the
+    command gives no ranked answer."""
+    args = ["predict", "SrTiO3", "-n", "2", "--rl-steps", "0", "--steps", "6", "--relax-steps", "1", "--out", str(tmp_path / "p")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert "no trustworthy structure among 2 candidates" in res.output and "relaxation did not converge" in res.output
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["answer"] == "none" and summary["n_unique"] == 0
+    assert summary["candidates"] and all(not r["trusted"] and r["rank"] is None for r in summary["candidates"])
+    assert all("relaxation did not converge (largest force" in r["untrusted_reason"] for r in summary["candidates"])
 
 
 def test_predict_warns_outside_training_coverage(tmp_path, mp20_sample_csv):
@@ -49,9 +69,32 @@ def test_predict_warns_outside_training_coverage(tmp_path, mp20_sample_csv):
     formula = str(pd.read_csv(mp20_sample_csv)["pretty_formula"].iloc[0])  # GaTe: 2 atoms per cell, perov_5 saw only 5
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        predict(formula, out=str(tmp_path / "p"), progress=False, n=2, rl_steps=0, steps=4, relax=False)
+        predict(formula, out=str(tmp_path / "p"), progress=False, n=2, rl_steps=0, steps=4, relax=False, force=True)
     messages = [str(w.message) for w in caught if issubclass(w.category, CoverageWarning)]
     assert any("outside the training range" in m or "never appear" in m for m in messages)
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["warnings"][: len(messages)] == messages  # the report says it up front
+    # without force the query is refused before any work, and leaves nothing behind
+    with pytest.raises(ValueError, match=f"{formula}: .*cannot produce this composition; pass --force"):
+        predict(formula, out=str(tmp_path / "q"), progress=False, n=2, rl_steps=0, steps=4, relax=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_cell_outside_the_training_range_picks_formula_units_inside_it(tmp_path):
+    """carbon_24 saw 6-24 atoms per cell: "C" alone (one atom) samples the -z auto cells instead and says so."""
+    with pytest.warns(CoverageWarning, match=r"C has 1 atom\(s\) per cell, outside model carbon_24's training range 6–24: sampling C6, "):
+        result = predict("C", model="carbon_24", out=str(tmp_path / "p"), progress=False, n=1, rl_steps=0, steps=4, relax=False)
+    assert result.summary["cells"] == ["C6", "C10", "C13", "C17", "C20", "C24"]
+    assert all(len(s) >= 6 for s in result.structures)
+
+
+def test_a_composition_the_model_cannot_cover_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"SrPO3: element\(s\) P never appear in model perov_5's training data"):
+        predict("SrPO3", out=str(tmp_path / "p"), progress=False, n=2, rl_steps=0, relax=False)
+    # LiFePO4: 7 atoms, and no multiple of 7 lies in perov_5's range of 5 atoms per cell
+    with pytest.raises(ValueError, match=r"LiFePO4: no cell of this composition has a size in model perov_5's training range of 5–5"):
+        predict("LiFePO4", out=str(tmp_path / "p"), progress=False, n=2, rl_steps=0, relax=False)
+    assert not (tmp_path / "p").exists()
 
 
 def test_formula_units_scan_cell_sizes(tmp_path):
@@ -78,7 +121,7 @@ def test_rl_that_trips_its_guard_falls_back_to_the_base_candidates(tmp_path):
 
     with pytest.warns(RLStoppedWarning, match="inference-time RL stopped .*max_invalid_fraction"):
         result = predict("Sr2Ti2O6", model="carbon_24", out=str(tmp_path / "p"), progress=False, n=4, rl_steps=2,
-                         rl_group_size=2, rl_groups=2, steps=4, relax=False)
+                         rl_group_size=2, rl_groups=2, steps=4, relax=False, force=True)
     assert "max_invalid_fraction" in result.summary["rl_stopped"]
     assert result.summary["n_candidates"] == 4  # the base samples only
     assert json.loads((tmp_path / "p" / "summary.json").read_text())["rl_stopped"] == result.summary["rl_stopped"]
@@ -91,7 +134,7 @@ def test_rl_that_trips_its_guard_falls_back_to_the_base_candidates(tmp_path):
         ([""], "cannot parse"),
         (["Sr0TiO3"], "zero count"),
         (["SrTiO3", "-n", "0"], "positive number"),
-        (["AmO2", "--no-relax", "--rl-steps", "0"], "does not support element"),
+        (["AmO2", "--no-relax", "--rl-steps", "0", "--force"], "does not support element"),
         (["SrTiO3", "--mlip-model", "no-such-7net"], "no-such-7net does not exist"),
         (["SrTiO3", "-z", "0,1"], "comma list of positive integers"),
         (["SrTi2O5", "-z", "auto"], "no multiple of SrTi2O5 (8 atoms)"),
@@ -146,7 +189,7 @@ def test_existing_output_needs_resume(tmp_path):
 
 def test_ctrl_c_keeps_partial_results_and_resume_finishes(tmp_path):
     out = tmp_path / "p"
-    cmd = [sys.executable, "-m", "crystalign.cli", "predict", "SrTiO3", "-n", "4", "--rl-steps", "12", "--steps", "6", "--relax-steps", "2", "--out", str(out)]
+    cmd = [sys.executable, "-m", "crystalign.cli", "predict", "SrTiO3", "-n", "4", "--rl-steps", "12", "--steps", "6", "--no-relax", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 240
@@ -176,12 +219,13 @@ def test_relaxation_reports_convergence_and_a_failure_keeps_the_unrelaxed_geomet
 
     from crystalign.data import read_structures
     from crystalign.prediction import relax_structures
-    from crystalign.rewards.mlip import get_backend
+    from crystalign.rewards.mlip import ASECalculatorBackend, get_backend
 
     batch = read_structures(perov_val_csv).batch[:2]
     kick = torch.randn(batch.frac.shape, generator=torch.Generator().manual_seed(0), dtype=batch.frac.dtype)
     batch = batch.replace(frac=(batch.frac + 0.03 * kick) % 1.0)  # off the minimum
-    inner = get_backend("sevenn").ase_calculator()
+    sevenn = get_backend("sevenn")
+    inner = sevenn.ase_calculator()
 
     class FailsAfter(Calculator):
         implemented_properties = ["energy", "free_energy", "forces", "stress"]
@@ -200,22 +244,23 @@ def test_relaxation_reports_convergence_and_a_failure_keeps_the_unrelaxed_geomet
             e = probe.get_potential_energy()
             self.results = {"energy": e, "free_energy": e, "forces": probe.get_forces(), "stress": probe.get_stress()}
 
-    relaxed, records = relax_structures(batch, lambda: inner, 2, 1e-4, tmp_path / "short", progress=False)
+    relaxed, records = relax_structures(batch, sevenn, 2, 1e-4, tmp_path / "short", progress=False)
     assert [r["status"] for r in records] == ["not_converged"] * 2 and all(r["steps"] == 2 for r in records)
     # resuming (every file present) returns exactly what the fresh run returned, records included
-    resumed, resumed_records = relax_structures(batch, lambda: inner, 2, 1e-4, tmp_path / "short", progress=False)
+    resumed, resumed_records = relax_structures(batch, sevenn, 2, 1e-4, tmp_path / "short", progress=False)
     assert torch.equal(resumed.frac, relaxed.frac) and torch.equal(resumed.lattice, relaxed.lattice)
     assert resumed_records == records
     # the recorded fmax covers the atomic forces of the returned structure (the cell filter adds the stress terms)
     atoms = relaxed.to_atoms()[0]
     atoms.calc = inner
     assert records[0]["fmax_ev_per_a"] >= np.sqrt((atoms.get_forces() ** 2).sum(-1)).max() - 1e-3 > 1e-4
-    failed, records = relax_structures(batch[:1], lambda: FailsAfter(5), 100, 0.01, tmp_path / "crash", progress=False)
+    with pytest.warns(UserWarning, match="simulated MLIP failure"):
+        failed, records = relax_structures(batch[:1], ASECalculatorBackend(FailsAfter(5)), 100, 0.01, tmp_path / "crash", progress=False)
     assert records[0]["status"] == "failed" and "simulated MLIP failure" in records[0]["error"]
     assert torch.allclose(failed.frac, batch[:1].frac.to(failed.dtype), atol=1e-6)
     assert torch.allclose(failed.lattice, batch[:1].lattice.to(failed.dtype), atol=1e-6)
     # a resumed run reads the same records back from the per-structure files
-    _, again = relax_structures(batch[:1], lambda: FailsAfter(0), 100, 0.01, tmp_path / "crash", progress=False)
+    _, again = relax_structures(batch[:1], ASECalculatorBackend(FailsAfter(0)), 100, 0.01, tmp_path / "crash", progress=False)
     assert again == records
 
 
@@ -224,5 +269,5 @@ def test_no_valid_candidate_is_a_failure_that_says_why(tmp_path):
     with a non-zero exit instead of reporting 'best nan'."""
     res = CliRunner().invoke(app, ["predict", "SrTiO3", "-z", "3", "-n", "2", "--rl-steps", "0", "--no-relax", "--out", str(tmp_path / "p")])
     assert res.exit_code == 1, res.output
-    assert "Sr3Ti3O9: no valid candidate among 2" in res.output and "nan" not in res.output
+    assert "Sr3Ti3O9: no trustworthy structure among 2 candidates" in res.output and "nan" not in res.output
     assert (tmp_path / "p" / "report.html").exists()  # the report still shows what was sampled

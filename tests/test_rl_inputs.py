@@ -20,7 +20,9 @@ from crystalign.generator import Generator, GeneratorConfig, composition_batch
 from crystalign.io import save_torch
 from crystalign.model.cspnet import CSPNetConfig
 from crystalign.rewards import make_reward
-from crystalign.rl.loop import Policy, RLConfig, RLTrainer
+from crystalign.rl.config import RLConfig
+from crystalign.rl.rollout import Policy
+from crystalign.rl.trainer import RLTrainer
 
 runner = CliRunner()
 
@@ -207,7 +209,7 @@ def test_rl_config_combinations_that_cannot_train_are_refused_up_front(changes, 
 
 
 def test_rl_validation_config_rejects_negative_values():
-    from crystalign.rl.loop import RLValidationConfig
+    from crystalign.rl.config import RLValidationConfig
 
     with pytest.raises(ValueError, match="validation.every"):
         RLValidationConfig(every=-1)
@@ -337,7 +339,7 @@ def test_fit_cli_with_a_missing_callable_reward_fails_cleanly(setup):
 
 # ---------------------------------------------------------------------- 6. coverage warnings
 def test_fit_warns_once_about_compositions_outside_the_base_models_coverage(setup):
-    from crystalign.rl.loop import coverage_summary
+    from crystalign.coverage import coverage_summary
 
     tmp, _, config, _ = setup
     save_torch(tmp / "narrow.pt", tiny_generator(coverage={"elements": ["Na", "Cl"], "n_atoms_min": 2, "n_atoms_max": 2}).checkpoint_dict())

@@ -16,7 +16,10 @@ from crystalign.generator import Generator, GeneratorConfig, composition_batch
 from crystalign.geometry import min_image
 from crystalign.model.cspnet import CSPNetConfig
 from crystalign.rewards.base import RewardResult
-from crystalign.rl.loop import Policy, RLConfig, RLDivergedError, RLTrainer, load_policy, rollout
+from crystalign.rl.checkpoints import load_policy
+from crystalign.rl.config import RLConfig
+from crystalign.rl.rollout import Policy, rollout
+from crystalign.rl.trainer import RLDivergedError, RLTrainer
 from crystalign.sampling import SamplerConfig
 
 

@@ -16,7 +16,8 @@ from crystalign.cli.rl import build_rewards
 from crystalign.crystal import CrystalBatch
 from crystalign.generator import composition_batch
 from crystalign.rewards import CallableReward, CompositeReward, NonCentrosymmetricReward, NonTriclinicReward
-from crystalign.rl.loop import Policy, RLDivergedError, RLTrainer
+from crystalign.rl.rollout import Policy
+from crystalign.rl.trainer import RLDivergedError, RLTrainer
 
 from test_rl_loop import config, tiny_generator
 

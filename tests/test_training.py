@@ -104,7 +104,7 @@ def test_shipped_presets_parse():
 
 
 def test_shipped_rl_presets_parse():
-    from crystalign.rl.loop import RLConfig
+    from crystalign.rl.config import RLConfig
 
     root = Path(__import__("crystalign").__file__).parent / "configs"
     presets = sorted(root.glob("rl_*.yaml"))

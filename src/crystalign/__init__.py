@@ -10,9 +10,6 @@ Example::
     steered.sample("SrTiO3", n=4)
 """
 
-from crystalign.crystal import CrystalBatch
-from crystalign.generator import Generator
-
 __version__ = "0.1.0"
 __all__ = [
     "CrystalBatch", "Generator", "SteeredModel", "csp_metrics", "load_dataset", "make_reward", "predict", "steer", "__version__",
@@ -24,8 +21,17 @@ def __dir__() -> list[str]:
 
 
 def __getattr__(name: str):
-    # heavy modules (pymatgen analysis, MLIPs) load on first use, keeping `import crystalign` fast; no lazy name
-    # may be a submodule's name, or importing that submodule would replace the attribute by the module
+    # heavy modules (torch, pymatgen analysis, MLIPs) load on first use, keeping `import crystalign` (and so the
+    # command's --help) fast and letting crystalign.settings.configure_threads run before torch starts; no lazy
+    # name may be a submodule's name, or importing that submodule would replace the attribute by the module
+    if name == "CrystalBatch":
+        from crystalign.crystal import CrystalBatch
+
+        return CrystalBatch
+    if name == "Generator":
+        from crystalign.generator import Generator
+
+        return Generator
     if name == "predict":
         from crystalign.prediction import predict
 

@@ -156,8 +156,8 @@ class Generator(torch.nn.Module):
     def load(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu") -> "Generator":
         """Load a shipped model by name or a checkpoint file (a training checkpoint or an exported model)."""
         path = resolve_model(name_or_path)
-        ckpt = read_checkpoint_file(path, map_location)
-        if "generator" in ckpt and isinstance(ckpt["generator"], dict):  # a Lightning training checkpoint
+        ckpt = read_checkpoint_file(path, map_location, what="crystalign model checkpoint")
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("generator"), dict):  # a Lightning training checkpoint
             ckpt = ckpt["generator"]
         return cls.from_checkpoint_dict(ckpt, where=str(path))
 

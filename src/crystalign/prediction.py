@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from crystalign.coverage import coverage_warnings
 from crystalign.crystal import CrystalBatch
 from crystalign.generator import Generator, cell_formula, check_seed, composition_batch, parse_composition
 from crystalign.io import atomic_path, check_output_dir, remove_stale_parts, write_json
@@ -73,8 +74,11 @@ class PredictOptions:
     resume: bool = False
     device: str = "cpu"
     top_k: int = 6
-    #: formula units per cell to try: "" = the composition as written (one cell), "1,2,4", or "auto"
+    #: formula units per cell to try: "" = the composition as written (one cell; cells outside the model's training
+    #: range of atoms per cell switch to "auto"), "1,2,4", or "auto"
     formula_units: str = ""
+    #: sample even a composition the model cannot cover (an element it never saw, no cell size in its range)
+    force: bool = False
 
     def __post_init__(self) -> None:
         # the Python API's natural values, normalised to the plain data a run folder records and compares on resume
@@ -101,7 +105,7 @@ class PredictOptions:
             raise ValueError(f"--relax-top must be >= 1, got {self.relax_top}")
         if self.relax_steps < 0:
             raise ValueError(f"--relax-steps must be >= 0, got {self.relax_steps}")
-        from crystalign.rl.loop import RLConfig, check_device
+        from crystalign.rl.config import RLConfig, check_device
 
         check_device(self.device, "--device")  # a CUDA request on a CPU-only machine fails here, not mid-run
         if self.rl_steps:  # a bad RL option fails now, not after the base model's candidates are written
@@ -122,7 +126,8 @@ class PredictOptions:
 
 @dataclass
 class PredictResult:
-    """Ranked unique candidates (best first) with energies per atom (eV/atom; NaN if invalid)."""
+    """Ranked unique trusted candidates (best first) with their energies per atom (eV/atom); ``candidates`` holds
+    every row of the summary, the untrusted ones (``trusted`` False, ``untrusted_reason``) after the ranked ones."""
 
     structures: list
     energies: list[float]
@@ -171,22 +176,43 @@ def cell_formulas(composition: str, formula_units: str, coverage: dict[str, Any]
     return [cell_formula(reduced * z) for z in counts]
 
 
-# ---------------------------------------------------------------------- checks before any work
-def coverage_warnings(gen: Generator, species: list[int]) -> list[str]:
-    """Human-readable warnings when the composition is outside the model's training coverage."""
+def _cells_inside_coverage(opts: PredictOptions, coverage: dict[str, Any] | None) -> tuple[list[str], str | None]:
+    """The cells to sample and, when the composition as written has a cell size outside the model's training range
+    (and the user gave no -z), the note saying that formula units inside the range were picked instead. No cell
+    size inside the range at all is refused unless ``force``."""
+    from pymatgen.core import Composition
+
+    cov = coverage or {}
+    lo, hi = cov.get("n_atoms_min"), cov.get("n_atoms_max")
+    n_atoms = int(round(Composition(opts.composition).num_atoms))
+    if opts.formula_units.strip() or lo is None or hi is None or lo <= n_atoms <= hi:
+        return cell_formulas(opts.composition, opts.formula_units, coverage), None
+    try:
+        cells = cell_formulas(opts.composition, "auto", coverage)
+    except ValueError:
+        if opts.force:
+            return [opts.composition], None
+        raise ValueError(
+            f"{opts.composition}: no cell of this composition has a size in model {opts.model}'s training range of {lo}–{hi} "
+            "atoms, so it cannot produce this composition; pass --force (force=True) to sample it anyway"
+        ) from None
+    note = (
+        f"{opts.composition} has {n_atoms} atom(s) per cell, outside model {opts.model}'s training range {lo}–{hi}: "
+        f"sampling {', '.join(cells)} instead (as -z auto; give -z to choose cell sizes)"
+    )
+    return cells, note
+
+
+def _refuse_unseen_elements(opts: PredictOptions, gen: Generator, species: list[int]) -> None:
     from pymatgen.core import Element
 
-    cov = gen.coverage or {}
-    out = []
-    seen = set(cov.get("elements") or [])
-    if seen:
-        unseen = sorted({Element.from_Z(z).symbol for z in species} - seen)
-        if unseen:
-            out.append(f"element(s) {', '.join(unseen)} never appear in this model's training data; expect poor structures")
-    lo, hi = cov.get("n_atoms_min"), cov.get("n_atoms_max")
-    if lo is not None and hi is not None and not lo <= len(species) <= hi:
-        out.append(f"{len(species)} atoms per cell lies outside the training range {lo}–{hi}")
-    return out
+    seen = set((gen.coverage or {}).get("elements") or [])
+    unseen = sorted({Element.from_Z(int(z)).symbol for z in species} - seen) if seen else []
+    if unseen and not opts.force:
+        raise ValueError(
+            f"{opts.composition}: element(s) {', '.join(unseen)} never appear in model {opts.model}'s training data, so it "
+            "cannot produce this composition; pass --force (force=True) to sample it anyway"
+        )
 
 
 # ---------------------------------------------------------------------- stages
@@ -230,67 +256,49 @@ def _read_extxyz(path: Path) -> CrystalBatch:
 
 
 def relax_structures(
-    batch: CrystalBatch, calculator_factory: Callable[[], Any], steps: int, fmax: float, folder: Path, progress: bool = True
+    batch: CrystalBatch, backend: Any, steps: int, fmax: float, folder: Path, progress: bool = True
 ) -> tuple[CrystalBatch, list[dict[str, Any]]]:
-    """ASE FIRE on positions and cell (Fréchet cell filter) with the MLIP calculator, at most ``steps`` steps.
+    """FIRE on positions and cell (Fréchet cell filter) with the MLIP, all structures together, at most ``steps``
+    steps (:func:`crystalign.relax.relax_batch`: one batched MLIP call per optimiser step, ASE's FIRE per structure).
 
     Returns the structures and, per structure, what happened: ``status`` (``converged``, ``not_converged``
-    after ``steps`` steps, ``failed``: the MLIP raised, the unrelaxed geometry is kept; ``skipped_invalid``),
-    ``steps`` and the final largest force ``fmax_ev_per_a``.
+    after ``steps`` steps, ``failed``: the MLIP raised or the structure diverged, the unrelaxed geometry is kept;
+    ``skipped_invalid``), ``steps`` and the final largest force ``fmax_ev_per_a``.
 
-    One file per structure, so an interrupted relaxation resumes where it stopped. Invalid structures are
-    returned unchanged (an MLIP on overlapping atoms gives meaningless forces).
+    One file per structure, so a resumed run reads finished structures back and relaxes only the rest. Invalid
+    structures are returned unchanged (an MLIP on overlapping atoms gives meaningless forces).
     """
     from ase.io import read as ase_read
     from ase.io import write as ase_write
-    from ase.optimize import FIRE
-    from tqdm import tqdm
+
+    from crystalign.relax import relax_batch
 
     folder.mkdir(parents=True, exist_ok=True)
     valid = batch.validity().valid.tolist()
     atoms_list = batch.to_atoms()
-    calc = None
-    out = []
-    for i, atoms in enumerate(tqdm(atoms_list, desc="relaxing", unit="structure", disable=not progress)):
-        path = folder / f"{i:05d}.extxyz"
-        if path.exists():
-            out.append(ase_read(path, format="extxyz"))
-            continue
-        if valid[i] and steps > 0:
-            if calc is None:
-                calc = calculator_factory()
-            start = atoms.copy()  # FIRE moves atoms in place: a failed run must not leave a half-relaxed cell
-            atoms.calc = calc
-            try:
-                from ase.filters import FrechetCellFilter
-
-                target = FrechetCellFilter(atoms)
-            except ImportError:  # older ASE
-                target = atoms
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    opt = FIRE(target, logfile=None)
-                    converged = bool(opt.run(fmax=fmax, steps=steps))
-                    forces = np.asarray(target.get_forces())
-                atoms.info.update(
-                    relax_status="converged" if converged else "not_converged",
-                    relax_steps=int(opt.nsteps),
-                    relax_fmax=float(np.sqrt((forces**2).sum(-1).max())) if forces.size else 0.0,
-                )
-            except Exception as err:  # noqa: BLE001 - an MLIP failure on one structure must not stop the run
-                log.warning("relaxation of candidate %d failed (%s); keeping its unrelaxed geometry", i, err)
-                atoms = start
-                reason = " ".join(f"{type(err).__name__}: {err}".replace('"', "'").split())[:200]
-                atoms.info.update(relax_status="failed", relax_error=reason)
-            atoms.calc = None
-        else:
+    paths = [folder / f"{i:05d}.extxyz" for i in range(len(atoms_list))]
+    todo = [i for i, path in enumerate(paths) if not path.exists()]
+    work = [i for i in todo if valid[i] and steps > 0]
+    if work:
+        numpy_rng = np.random.get_state()  # ASE's optimisers may draw from numpy's global RNG: not the caller's business
+        try:
+            relaxed = relax_batch([atoms_list[i] for i in work], backend, steps=steps, fmax=fmax, progress=progress)
+        finally:
+            np.random.set_state(numpy_rng)
+        for i, atoms in zip(work, relaxed):
+            if atoms.info["relax_status"] == "failed":
+                log.warning("relaxation of candidate %d failed (%s); keeping its unrelaxed geometry", i, atoms.info["relax_error"])
+            atoms.info.pop("relax_energy_ev", None)
+            atoms_list[i] = atoms
+    for i in todo:
+        atoms = atoms_list[i]
+        if i not in work:
             atoms.info.update(relax_status="skipped_invalid" if not valid[i] else "not_relaxed")
-        with atomic_path(path) as tmp:
+        with atomic_path(paths[i]) as tmp:
             ase_write(tmp, atoms, format="extxyz")
-        out.append(ase_read(path, format="extxyz"))  # as a resumed run will see it, to the last digit
-    relaxed = CrystalBatch.from_atoms(out).to(dtype=batch.dtype)
-    return relaxed, [_relax_record(a.info) for a in out]
+    out = [ase_read(path, format="extxyz") for path in paths]  # as a resumed run will see them, to the last digit
+    relaxed_batch = CrystalBatch.from_atoms(out).to(dtype=batch.dtype)
+    return relaxed_batch, [_relax_record(a.info) for a in out]
 
 
 def _relax_counts(records: list[dict[str, Any]] | None) -> dict[str, int]:
@@ -325,14 +333,43 @@ def unique_ranked(structures: list, energies: np.ndarray, valid: np.ndarray) -> 
     return kept
 
 
-def _spacegroup(structure) -> str:
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+#: a candidate this far (eV/atom) below the lowest converged one is a potential's artefact, not a discovery
+IMPLAUSIBLE_GAP_EV = 1.0
+#: volume per atom relative to the elements' atomic spheres (pymatgen radii): real crystals span about 0.8-12
+#: (perov_5, carbon_24, MP-20 samples); outside this range a cell is collapsed or exploded
+VOLUME_RATIO_RANGE = (0.5, 20.0)
 
-    try:
-        sga = SpacegroupAnalyzer(structure, symprec=0.1)
-        return f"{sga.get_space_group_symbol()} ({sga.get_space_group_number()})"
-    except Exception:  # noqa: BLE001 - spglib can fail on odd cells; the table shows a dash
-        return "—"
+
+def untrusted_reasons(structures: list, energies: np.ndarray, relax_records: list[dict[str, Any]] | None, indices: list[int]) -> dict[int, list[str]]:
+    """Why each of ``indices`` must not be ranked as an answer (an empty list: trusted).
+
+    A relaxation that did not converge or failed leaves an energy that is not a minimum's; an energy implausibly
+    far below every converged candidate is the potential extrapolating (fused atoms, a collapsed cell); a volume per
+    atom far outside what the elements' atomic spheres allow is no crystal.
+    """
+    from pymatgen.core import Element
+
+    reasons: dict[int, list[str]] = {i: [] for i in indices}
+    for i in indices:
+        record = relax_records[i] if relax_records is not None else {}
+        status = record.get("status")
+        if status == "not_converged":
+            force = record.get("fmax_ev_per_a")
+            reasons[i].append("relaxation did not converge" + (f" (largest force {force:.2f} eV/Å)" if force is not None else ""))
+        elif status == "failed":
+            reasons[i].append("relaxation failed")
+        s = structures[i]
+        spheres = sum(4.0 / 3.0 * math.pi * float(Element(str(sp)).atomic_radius or 1.5) ** 3 for sp in s.species)
+        ratio = s.volume / spheres
+        if not VOLUME_RATIO_RANGE[0] <= ratio <= VOLUME_RATIO_RANGE[1]:
+            reasons[i].append(f"volume {s.volume / len(s):.2f} Å³/atom is {ratio:.2f}x its atoms' spheres (expected {VOLUME_RATIO_RANGE[0]}-{VOLUME_RATIO_RANGE[1]:g}x)")
+    converged = [float(energies[i]) for i in indices if relax_records is not None and relax_records[i].get("status") == "converged" and not reasons[i]]
+    if converged:
+        floor = min(converged) - IMPLAUSIBLE_GAP_EV
+        for i in indices:
+            if float(energies[i]) < floor:
+                reasons[i].append(f"{min(converged) - float(energies[i]):.2f} eV/atom below the lowest converged candidate")
+    return reasons
 
 
 # ---------------------------------------------------------------------- the pipeline
@@ -365,12 +402,13 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     try:
         stages = _Stages(out, opts, opts.resume)
         gen = Generator.load(opts.model).to(opts.device)
-        cells = cell_formulas(opts.composition, opts.formula_units, gen.coverage)
+        cells, size_note = _cells_inside_coverage(opts, gen.coverage)
         cell_species = [parse_composition(cell, max_atoms=gen.config.max_atoms) for cell in cells]
         backend = get_backend(opts.backend, model=opts.mlip_model, modal=opts.mlip_modal).load()
         check_supported = getattr(backend, "check_elements", None)
         if check_supported is not None:
             check_supported(cell_species[0])
+        _refuse_unseen_elements(opts, gen, cell_species[0])
     except BaseException:
         # a refused query leaves no trace: remove the folders this call created while still empty
         folder = out
@@ -380,7 +418,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
                 break
             folder = folder.parent
         raise
-    warns = [f"{cell}: {w}" for cell, sp in zip(cells, cell_species) for w in coverage_warnings(gen, sp)]
+    warns = ([size_note] if size_note else []) + [f"{cell}: {w}" for cell, sp in zip(cells, cell_species) for w in coverage_warnings(gen, sp)]
     for w in warns:
         warnings.warn(w, CoverageWarning, stacklevel=2)
     reward = EnergyReward(backend)
@@ -404,6 +442,8 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         "command": " ".join(sys.argv) if sys.argv else "",
     }
 
+    seconds: dict[str, float] = {"start": time.time() - t_start}  # where the run's time goes, per stage
+    t_stage = time.time()
     # 1. base model samples
     base_path = out / "base.extxyz"
     if not stages.done("base"):
@@ -414,13 +454,14 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     base_result = reward(base)
     base_energy = base_result.info["energy_per_atom_ev"].numpy()
 
+    seconds["base"], t_stage = time.time() - t_stage, time.time()
     # 2. inference-time RL on this composition
     history: list[dict[str, Any]] = []
     candidates = base
     rl_result = None
     rl_stopped = None
     if opts.rl_steps > 0:
-        from crystalign.rl.loop import RLDivergedError
+        from crystalign.rl.trainer import RLDivergedError
 
         try:
             history = _run_rl(gen, reward, opts, cells, out / "rl", progress)
@@ -428,6 +469,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             # e.g. a composition the model cannot make valid structures of: the base candidates still get ranked
             rl_stopped = str(err)
             warnings.warn(f"{formula}: inference-time RL stopped ({err}); ranking the base model's candidates only", RLStoppedWarning, stacklevel=2)
+    seconds["rl"], t_stage = time.time() - t_stage, time.time()
     if opts.rl_steps > 0 and rl_stopped is None:
         rl_path = out / "rl_samples.extxyz"
         if not stages.done("rl_samples"):
@@ -448,27 +490,45 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     cand_result = reward(candidates) if rl_result is not None else base_result
     summary["rl_stopped"] = rl_stopped
 
-    # 3. relaxation with the same MLIP, of the lowest-energy valid candidates only (relaxation dominates run time)
+    seconds["rl_samples"], t_stage = time.time() - t_stage, time.time()
+    # 3. relaxation with the same MLIP, of the lowest-energy DISTINCT valid candidates only: relaxation dominates the
+    # run time, and copies of one structure (the benchmark matcher's tolerances) relax into one minimum
     relax_records: list[dict[str, Any]] | None = None
     if opts.relax:
         e = cand_result.info["energy_per_atom_ev"].numpy()
-        order = [int(i) for i in np.argsort(np.where(np.isfinite(e), e, np.inf), kind="stable") if np.isfinite(e[i])]
+        order = unique_ranked(candidates.to_structures(), e, np.isfinite(e)) if np.isfinite(e).any() else []
+        summary["n_distinct_before_relax"] = len(order)
         candidates = candidates[torch.tensor(order[: opts.relax_top], dtype=torch.long)] if order else candidates
-        numpy_rng = np.random.get_state()  # ASE's optimisers draw from numpy's global RNG: not the caller's business
-        try:
-            candidates, relax_records = relax_structures(
-                candidates, lambda: backend.ase_calculator(), opts.relax_steps, opts.fmax, out / "relax", progress
-            )
-        finally:
-            np.random.set_state(numpy_rng)
+        candidates, relax_records = relax_structures(candidates, backend, opts.relax_steps, opts.fmax, out / "relax", progress)
         stages.mark("relax")
     final = reward(candidates) if opts.relax else cand_result
     energy = final.info["energy_per_atom_ev"].numpy()
     valid = final.info["valid"].numpy().astype(bool)
 
-    # 4. unique candidates ranked by energy per atom
+    seconds["relax"], t_stage = time.time() - t_stage, time.time()
+    # 4. unique candidates; only trustworthy ones are ranked, the others are listed apart with the reason
+    from crystalign.symmetry import SYMPREC, examine, spacegroup_label
+
     structures = candidates.to_structures()
-    order = unique_ranked(structures, energy, valid)
+    unique = unique_ranked(structures, energy, valid)
+    reasons = untrusted_reasons(structures, energy, relax_records, unique)
+    order = [i for i in unique if not reasons[i]]
+    untrusted = [i for i in unique if reasons[i]]
+    checks = {}
+    if order:  # space groups at two tolerances and, where they differ, whether the distortion is real
+        shown = order[: max(opts.top_k, 1)]
+        rows_sym = examine(
+            [structures[i] for i in shown], [float(energy[i]) for i in shown], backend,
+            steps=opts.relax_steps if opts.relax else 0, fmax=opts.fmax,
+        )
+        checks = dict(zip(shown, rows_sym))
+        # duplicates after symmetrisation: two ranked candidates with one symmetric structure are one answer
+        from crystalign.symmetry import unique_after_symmetrization
+
+        sym_structures = [checks[i]["symmetric_structure"] for i in shown]
+        keep = set(unique_after_symmetrization(sym_structures, [float(energy[i]) for i in shown], symprec=None))
+        order = [i for k, i in enumerate(shown) if k in keep] + order[len(shown):]
+    seconds["symmetry"], t_stage = time.time() - t_stage, time.time()
     ranked = [structures[i] for i in order]
     best = float(energy[order[0]]) if order else math.nan
     (out / "candidates").mkdir(exist_ok=True)
@@ -478,18 +538,55 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         name = f"candidates/{rank:03d}_{s.composition.reduced_formula}.cif"
         with atomic_path(out / name) as tmp:
             tmp.write_text(s.to(fmt="cif"))
+        check = checks.get(i, {})
+        extra: dict[str, Any] = {}
+        if check:
+            conventional = f"candidates/{rank:03d}_{s.composition.reduced_formula}_symmetrized.cif"
+            with atomic_path(out / conventional) as tmp:
+                tmp.write_text(check["symmetric_structure"].to(fmt="cif"))
+            extra = {
+                "spacegroups": check["spacegroups"], "symmetry_note": check["symmetry_note"], "conventional_file": conventional,
+                "symmetric_energy_above_mev": check["symmetric_energy_above_mev"],
+            }
         rows.append(
             {
                 "rank": rank,
                 "id": f"candidate_{i:04d}",
                 "formula": s.composition.reduced_formula,
-                "spacegroup": _spacegroup(s),
+                "spacegroup": check.get("spacegroup") or spacegroup_label(s, SYMPREC),
                 "energy_per_atom_ev": float(energy[i]),
                 "energy_above_best_mev": 1000.0 * (float(energy[i]) - best),
                 "valid": True,
+                "trusted": True,
                 "file": name,
+                **extra,
                 **({"relax": relax_records[i]} if relax_records is not None else {}),
             }
+        )
+    for i in untrusted:
+        s = structures[i]
+        name = f"candidates/untrusted_{i:04d}_{s.composition.reduced_formula}.cif"
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(s.to(fmt="cif"))
+        rows.append(
+            {
+                "rank": None, "id": f"candidate_{i:04d}", "formula": s.composition.reduced_formula,
+                "spacegroup": spacegroup_label(s, SYMPREC), "energy_per_atom_ev": float(energy[i]),
+                "valid": True, "trusted": False, "untrusted_reason": "; ".join(reasons[i]), "file": name,
+                **({"relax": relax_records[i]} if relax_records is not None else {}),
+            }
+        )
+    summary["symprec"] = SYMPREC
+    summary["n_untrusted"] = len(untrusted)
+    summary["warnings"] = [*summary["coverage_warnings"], *([f"inference-time RL stopped: {rl_stopped}"] if rl_stopped else [])]
+    if untrusted:
+        summary["warnings"].append(f"{len(untrusted)} candidate(s) not ranked as untrusted (see the table of untrusted candidates)")
+    if not order:
+        summary["answer"] = "none"
+        summary["no_answer_reason"] = (
+            f"every one of the {int(cand_result.rewards.numel())} candidates failed the validity check or the potential's trust checks: "
+            "this model cannot produce this composition" if not unique else
+            f"all {len(unique)} distinct valid candidate(s) are untrusted ({'; '.join(sorted({r for i in untrusted for r in reasons[i]}))})"
         )
     if order:
         _write_extxyz(out / "candidates.extxyz", candidates[torch.tensor(order)])
@@ -498,6 +595,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         {
             "n_valid": n_valid,
             "n_unique": len(order),
+            "n_unique_untrusted": len(untrusted),
             "best_energy_per_atom_ev": best,
             "base_energy_per_atom_ev_mean": _nanmean(base_energy),
             "sampled_energy_per_atom_ev_mean": _nanmean(sampled_energy),
@@ -507,6 +605,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             "final_energy_per_atom_ev_mean": _nanmean(energy),
             "base_invalid_fraction": float(np.isnan(base_energy).mean()),
             "wall_time_s": time.time() - t_start,
+            "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
         }
     )
     write_json(out / "summary.json", {**summary, "candidates": rows, "rl_history": history})
@@ -520,11 +619,11 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         history=history or None,
         energies_before=[float(e) for e in base_energy if np.isfinite(e)],
         energies_after=[float(e) for e in sampled_energy if np.isfinite(e)] if rl_result is not None else None,
-        structures=ranked,
+        structures=ranked + [structures[i] for i in untrusted],
         top_k=opts.top_k,
     )
     stages.mark("report")
-    return PredictResult(structures=ranked, energies=[r["energy_per_atom_ev"] for r in rows], summary=summary, out_dir=out, candidates=rows)
+    return PredictResult(structures=ranked, energies=[r["energy_per_atom_ev"] for r in rows if r["trusted"]], summary=summary, out_dir=out, candidates=rows)
 
 
 def _nanmean(x: np.ndarray) -> float | None:

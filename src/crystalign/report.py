@@ -1,16 +1,22 @@
-"""A self-contained HTML report of one structure-prediction run.
+"""A self-contained HTML report of one structure-prediction run, read at a glance.
 
-``write_report`` writes ``out_dir/report.html`` plus every figure as a PNG in ``out_dir/figures/``. The HTML
-embeds the same PNGs as base64 data URIs and carries its CSS inline, so the single file can be mailed or
-archived and still shows everything; it makes no network requests and needs no JavaScript. Every file is
-written atomically.
+``write_report`` writes ``out_dir/report.html`` plus every figure as a PNG in ``out_dir/figures/``. The first
+screen holds the answer: the composition, any warnings, the ranked structures as a table with plain labels and
+units, and an interactive 3-D view (mouse-rotatable, unit cell drawn, Jmol element colours) of the best ones.
+Below it come the RL curves (only when RL ran) and the energy histograms, each with a caption that says what
+changed, and at the bottom, folded in a ``<details>``, the raw summary and provenance.
+
+The page is one file that can be mailed or archived: figures are embedded as base64 PNGs, the CSS is inline,
+and the 3-D viewer (3Dmol.js, vendored in ``crystalign/report_assets/`` with its licence) is inlined once, so
+it makes no network requests. Without JavaScript or WebGL the table is still there and each viewer box says
+why it is empty. Every file is written atomically.
 
 Example::
 
     write_report(
         "runs/SrTiO3", "SrTiO3 — inference-time RL",
         summary={"composition": "SrTiO3", "model": "omatg-perov5", "reward": "sevenn", "seed": 0,
-                 "wall_time_s": 812.4, "versions": {"crystalign": "0.1.0", "torch": "2.5.1"}},
+                 "wall_time_s": 812.4, "versions": {"crystalign": "0.1.0", "torch": "2.5.1"}, "symprec": 0.1},
         candidates=[{"rank": 1, "id": "c0", "formula": "SrTiO3", "spacegroup": "Pm-3m (221)",
                      "energy_per_atom_ev": -8.012, "valid": True, "file": "cifs/c0.cif"}, ...],
         history=[{"iteration": 0, "reward_mean": 7.1, "reward_std": 0.4}, ...],
@@ -22,12 +28,17 @@ Example::
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
+import json
 import math
 import os
-from dataclasses import dataclass
+import re
+import warnings
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from urllib.parse import quote
@@ -45,6 +56,13 @@ __all__ = ["write_report", "plot_schedule", "REPORT_NAME", "FIGURES_DIR"]
 REPORT_NAME = "report.html"
 FIGURES_DIR = "figures"
 
+# The vendored 3-D viewer (see report_assets/README.md); the hash pins the exact file the tests were run with.
+THREEDMOL_VERSION = "2.5.5"
+THREEDMOL_SHA256 = "f7cc78921ae72e7623e89cdd111434f58c2efddd2ffda1cd212644b406fb8016"
+_ASSETS = "report_assets"
+# More WebGL contexts than this per page make browsers drop the oldest (Chrome's limit is 16).
+MAX_3D_VIEWS = 12
+
 _DASH = "—"
 _DPI = 110
 # Muted, colour-blind-friendly pair for "before"/"after" and the main series.
@@ -52,9 +70,6 @@ _C_BEFORE = "#8c8c8c"
 _C_AFTER = "#1f6fb2"
 _C_MAIN = "#1f6fb2"
 _C_VAL = "#d9712b"
-
-# Query keys shown first in the header, in this order; all other summary keys follow.
-_HEADER_KEYS = ("composition", "model", "checkpoint", "reward", "seed", "wall_time_s", "wall_time", "versions")
 
 # History panels: (title, y-label, [(mean key, std key or None, legend label, colour)]).
 _HISTORY_PANELS: tuple[tuple[str, str, tuple[tuple[str, str | None, str, str], ...]], ...] = (
@@ -242,18 +257,22 @@ def _history_figure(history: Sequence[Mapping[str, Any]]) -> Figure | None:
     return fig
 
 
-def _energy_hist_figure(before: np.ndarray, after: np.ndarray) -> Figure | None:
-    if before.size == 0 and after.size == 0:
-        return None
-    both = np.concatenate([before, after])
-    # A few exploded structures (energies of tens of eV/atom) would squash everything else into one bar, so the
-    # range stops 5 interquartile ranges beyond the quartiles (about 7 sigma: no real tail is cut); what falls
-    # outside is counted in the title.
+def _hist_range(both: np.ndarray) -> tuple[float, float, int]:
+    """The shown energy range and how many values fall outside it. A few exploded structures (energies of tens
+    of eV/atom) would squash everything else into one bar, so the range stops 5 interquartile ranges beyond the
+    quartiles (about 7 sigma: no real tail is cut)."""
     q1, q3 = np.percentile(both, [25, 75])
     lo, hi = max(both.min(), q1 - 5 * (q3 - q1)), min(both.max(), q3 + 5 * (q3 - q1))
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    n_out = int(np.sum((both < lo) | (both > hi)))
+    return float(lo), float(hi), int(np.sum((both < lo) | (both > hi)))
+
+
+def _energy_hist_figure(before: np.ndarray, after: np.ndarray) -> Figure | None:
+    if before.size == 0 and after.size == 0:
+        return None
+    both = np.concatenate([before, after])
+    lo, hi, n_out = _hist_range(both)
     # Shared bins, so the two distributions are directly comparable bar by bar.
     edges = np.linspace(lo, hi, min(40, max(10, int(np.sqrt(both.size)) * 2)) + 1)
     fig = _new_figure(6.4, 3.4)
@@ -276,62 +295,7 @@ def _energy_hist_figure(before: np.ndarray, after: np.ndarray) -> Figure | None:
     return fig
 
 
-def _with_boundary_images(atoms):
-    """Add the periodic copies of atoms lying on cell faces/edges/corners, as crystal viewers do: otherwise a
-    cubic perovskite shows one corner atom instead of eight and looks wrong."""
-    from ase import Atoms
-
-    frac = atoms.get_scaled_positions(wrap=True)
-    frac[np.isclose(frac, 1.0, atol=1e-4)] = 0.0
-    numbers = atoms.get_atomic_numbers()
-    shifts = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float)
-    new_frac, new_numbers = [frac], [numbers]
-    for shift in shifts[1:]:
-        # An atom gets the copy shifted along every axis in which it sits on the 0 face.
-        mask = np.all((shift == 0) | (frac < 1e-4), axis=1)
-        if mask.any():
-            new_frac.append(frac[mask] + shift)
-            new_numbers.append(numbers[mask])
-    cell = atoms.cell.array
-    return Atoms(numbers=np.concatenate(new_numbers), positions=np.concatenate(new_frac) @ cell, cell=cell, pbc=True)
-
-
-def _as_atoms(structure):
-    from ase import Atoms
-
-    if isinstance(structure, Atoms):
-        return structure
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    return AseAtomsAdaptor.get_atoms(structure)
-
-
-# Two views: down the a axis, and an oblique one that shows the 3D shape of the cell.
-_VIEWS = (("along a", "-90y,-90z,0x"), ("oblique", "-65x,-20y,-15z"))
-
-
-def _structure_figure(structure, title: str) -> Figure:
-    from ase.data import chemical_symbols
-    from ase.data.colors import jmol_colors
-    from ase.visualize.plot import plot_atoms
-    from matplotlib.patches import Patch
-
-    atoms = _with_boundary_images(_as_atoms(structure))
-    # Fixed margins instead of constrained layout: the axes are bare, and layout solving over hundreds of
-    # patches would double the drawing time.
-    fig = _new_figure(4.8, 2.9, constrained=False)
-    axes = fig.subplots(1, 2, gridspec_kw=dict(left=0.02, right=0.98, bottom=0.13, top=0.83, wspace=0.06))
-    for ax, (label, rotation) in zip(axes, _VIEWS):
-        plot_atoms(atoms, ax, rotation=rotation, radii=0.45, show_unit_cell=2)
-        ax.set_title(label, fontsize=9, color="#555555")
-    elements = sorted(set(atoms.get_atomic_numbers().tolist()))
-    handles = [Patch(facecolor=jmol_colors[z], edgecolor="black", linewidth=0.5, label=chemical_symbols[z]) for z in elements]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------- HTML
+# ---------------------------------------------------------------------------------------------- formatting
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
@@ -360,17 +324,91 @@ def _fmt_duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def _header_rows(summary: Mapping[str, Any]) -> str:
-    keys = [k for k in _HEADER_KEYS if k in summary] + [k for k in summary if k not in _HEADER_KEYS]
-    rows = []
-    for key in keys:
-        value = summary[key]
-        if key in ("wall_time_s", "wall_time") and _finite(value) is not None:
-            text, label = _fmt_duration(float(value)), "wall time"
-        else:
-            text, label = _fmt_value(value), key.replace("_", " ")
-        rows.append(f"<tr><th>{_e(label)}</th><td>{_e(text)}</td></tr>")
-    return "\n".join(rows)
+def _fmt_tolerance(value: Any) -> str:
+    """A space-group tolerance as '0.1 Å' (keys of ``spacegroups`` are strings such as "0.1")."""
+    v = _finite(value)
+    return f"{v:g} Å" if v is not None else str(value)
+
+
+# Plain labels (with units) for the summary keys ``crystalign predict`` writes; other keys get a label made from
+# their name by _plain_label.
+_LABELS = {
+    "composition": "composition asked for",
+    "formula": "reduced formula",
+    "cells": "cells sampled",
+    "model": "generative model",
+    "model_hash": "model hash (sha256)",
+    "checkpoint": "checkpoint",
+    "reward": "reward",
+    "mlip": "interatomic potential",
+    "seed": "random seed",
+    "n": "samples per cell",
+    "steps": "integration steps per sample",
+    "rl_steps": "RL iterations asked for",
+    "relax": "relaxed with the potential",
+    "symprec": "space-group tolerance (Å)",
+    "coverage_warnings": "coverage warnings",
+    "warnings": "warnings",
+    "answer": "answer",
+    "no_answer_reason": "why there is no answer",
+    "options": "options",
+    "versions": "package versions",
+    "command": "command",
+    "rl_stopped": "RL stopped early",
+    "n_valid": "valid structures",
+    "n_unique": "unique candidates ranked",
+    "n_candidates": "candidates scored",
+    "n_relaxed": "candidates relaxed",
+    "n_relax_converged": "relaxations converged",
+    "n_relax_not_converged": "relaxations not converged",
+    "n_relax_failed": "relaxations failed",
+    "best_energy_per_atom_ev": "best energy per atom (eV/atom)",
+    "base_energy_per_atom_ev_mean": "mean energy per atom of the base model's samples (eV/atom)",
+    "sampled_energy_per_atom_ev_mean": "mean energy per atom of the final samples (eV/atom)",
+    "final_energy_per_atom_ev_mean": "mean energy per atom of the ranked candidates (eV/atom)",
+    "base_invalid_fraction": "invalid fraction of the base model's samples",
+    "wall_time_s": "wall time",
+    "wall_time": "wall time",
+}
+
+# Unit suffixes of key names, longest first: (suffix, replacement in the label).
+_UNIT_SUFFIXES = (
+    ("_energy_per_atom_ev_mean", " mean energy per atom (eV/atom)"),
+    ("_energy_per_atom_ev", " energy per atom (eV/atom)"),
+    ("_ev_per_a", " (eV/Å)"),
+    ("_mev", " (meV)"),
+    ("_ev", " (eV)"),
+    ("_s", " (s)"),
+)
+
+
+def _plain_label(key: str) -> str:
+    if key in _LABELS:
+        return _LABELS[key]
+    label = key
+    for suffix, unit in _UNIT_SUFFIXES:
+        if label.endswith(suffix) and len(label) > len(suffix):
+            label = label[: -len(suffix)] + unit
+            break
+    if label.startswith("n_"):
+        label = "number of " + label[2:]
+    return label.replace("_", " ").strip()
+
+
+def _value_html(key: str, value: Any, depth: int = 0) -> str:
+    if key in ("wall_time_s", "wall_time") and _finite(value) is not None:
+        return _e(_fmt_duration(float(value)))
+    if isinstance(value, Mapping) and value and depth < 2:
+        # Nested records (versions, options, the potential) as their own small table, one entry a line.
+        rows = "".join(f"<tr><th>{_e(k)}</th><td>{_value_html(str(k), v, depth + 1)}</td></tr>" for k, v in value.items())
+        return f'<table class="kv nested">{rows}</table>'
+    if isinstance(value, (list, tuple)) and any(isinstance(v, str) and len(v) > 40 for v in value):
+        return "<ul>" + "".join(f"<li>{_e(_fmt_value(v))}</li>" for v in value) + "</ul>"
+    return _e(_fmt_value(value))
+
+
+def _provenance_rows(summary: Mapping[str, Any]) -> str:
+    return "\n".join(f"<tr><th>{_e(_plain_label(str(k)))}</th><td>{_value_html(str(k), v)}</td></tr>" for k, v in summary.items())
 
 
 def _file_href(file: Any, out_dir: Path) -> str | None:
@@ -386,125 +424,518 @@ def _file_href(file: Any, out_dir: Path) -> str | None:
     return quote(path.as_posix())
 
 
+def _link(file: Any, out_dir: Path, text: str | None = None) -> str | None:
+    href = _file_href(file, out_dir)
+    return f'<a href="{_e(href)}">{_e(text or Path(str(file)).name)}</a>' if href else None
+
+
+# ---------------------------------------------------------------------------------------------- candidates
 @dataclass
 class _Row:
+    index: int  # position in ``candidates`` (and ``structures``)
     rank: Any
     formula: str
     spacegroup: str
     energy: float | None
     valid: bool
+    trusted: bool
     file: Any
     id: str
     relax: Mapping[str, Any] | None = None
-
-
-def _relax_text(relax: Mapping[str, Any] | None) -> str:
-    if not relax:
-        return _DASH
-    status = str(relax.get("status", ""))
-    force = relax.get("fmax_ev_per_a")
-    detail = f", fmax {force:.3f} eV/Å" if isinstance(force, (int, float)) else ""
-    steps = f"{relax['steps']} steps" if "steps" in relax else ""
-    return {"converged": f"✓ {steps}{detail}".strip(), "not_converged": f"not converged{detail}",
-            "failed": "failed (unrelaxed)"}.get(status, status.replace("_", " ") or _DASH)
+    spacegroups: dict[str, str] = field(default_factory=dict)
+    symmetry_note: str = ""
+    conventional_file: Any = None
+    untrusted_reason: str = ""
 
 
 def _rows(candidates: Sequence[Mapping[str, Any]]) -> list[_Row]:
-    return [
-        _Row(
-            rank=c.get("rank", i + 1),
-            formula=str(c.get("formula") or _DASH),
-            spacegroup=str(c.get("spacegroup") or _DASH),
-            energy=_finite(c.get("energy_per_atom_ev")),
-            valid=bool(c.get("valid", False)),
-            file=c.get("file"),
-            id=str(c.get("id", "")),
-            relax=c.get("relax"),
+    rows = []
+    for i, c in enumerate(candidates):
+        sgs = c.get("spacegroups")
+        rows.append(
+            _Row(
+                index=i,
+                rank=c.get("rank", i + 1),
+                formula=str(c.get("formula") or _DASH),
+                spacegroup=str(c.get("spacegroup") or _DASH),
+                energy=_finite(c.get("energy_per_atom_ev")),
+                valid=bool(c.get("valid", False)),
+                # Absent means trusted: only rows another stage explicitly distrusts are set apart.
+                trusted=c.get("trusted", True) is not False,
+                file=c.get("file"),
+                id=str(c.get("id", "")),
+                relax=c.get("relax"),
+                spacegroups={str(k): str(v) for k, v in sgs.items() if v is not None} if isinstance(sgs, Mapping) else {},
+                symmetry_note=str(c.get("symmetry_note") or ""),
+                conventional_file=c.get("conventional_file"),
+                untrusted_reason=str(c.get("untrusted_reason") or ""),
+            )
         )
-        for i, c in enumerate(candidates)
-    ]
+    return rows
 
 
-def _best_energy(rows: Sequence[_Row]) -> float | None:
-    # The reference is the best *valid* structure; invalid ones can have spuriously low MLIP energies.
-    valid = [r.energy for r in rows if r.valid and r.energy is not None]
-    pool = valid or [r.energy for r in rows if r.energy is not None]
-    return min(pool) if pool else None
+def _rank_key(r: _Row) -> tuple:
+    rank = _finite(r.rank)
+    return (rank is None, rank or 0.0, r.index)
 
 
-def _candidate_table(rows: Sequence[_Row], out_dir: Path) -> str:
-    best = _best_energy(rows)
+def _relax_cell(relax: Mapping[str, Any] | None) -> str:
+    """'yes' / 'no (largest force 0.21 eV/Å)' for the question 'did the relaxation converge?'."""
+    if not relax:
+        return _DASH
+    status = str(relax.get("status", ""))
+    force = _finite(relax.get("fmax_ev_per_a"))
+    steps = relax.get("steps")
+    detail = ", ".join(x for x in (f"{steps} steps" if steps is not None else "",
+                                   f"largest force {force:.3f} eV/Å" if force is not None else "") if x)
+    tip = f' title="{_e(detail)}"' if detail else ""
+    if status == "converged":
+        return f'<span class="ok"{tip}>yes</span>'
+    if status == "not_converged":
+        text = f"no ({force:.2f} eV/Å)" if force is not None else "no"
+        return f'<span class="warn"{tip}>{_e(text)}</span>'
+    if status == "failed":
+        why = str(relax.get("error") or "")
+        return f'<span class="bad" title="{_e(why)}">no: relaxation failed, unrelaxed geometry</span>'
+    if status in ("skipped_invalid", "not_relaxed"):
+        return "not relaxed"
+    return _e(status.replace("_", " ") or _DASH)
+
+
+def _sg_columns(rows: Sequence[_Row], symprec: float | None) -> list[tuple[str | None, str]]:
+    """The space-group columns: (tolerance key or None, header as HTML). One per tolerance in ``spacegroups``, else
+    one."""
+    keys = sorted({k for r in rows for k in r.spacegroups}, key=lambda k: (_finite(k) is None, _finite(k) or 0.0, k))
+    if keys:
+        return [(k, f"space group<br>tolerance {_e(_fmt_tolerance(k))}") for k in keys]
+    return [(None, "space group" + (f"<br>tolerance {symprec:g} Å" if symprec is not None else ""))]
+
+
+def _sg_cell(r: _Row, key: str | None, keys: Sequence[str | None], symprec: float | None) -> str:
+    if key is None:
+        return r.spacegroup
+    if key in r.spacegroups:
+        return r.spacegroups[key]
+    # A row without per-tolerance groups shows its single one under the tolerance it was found with.
+    home = next((k for k in keys if symprec is not None and _finite(k) == symprec), keys[0])
+    return r.spacegroup if key == home else _DASH
+
+
+def _files_cell(r: _Row, out_dir: Path) -> str:
+    links = [x for x in (_link(r.file, out_dir), _link(r.conventional_file, out_dir, "conventional cell")) if x]
+    return "<br>".join(links) or _DASH
+
+
+def _ranked_table(rows: Sequence[_Row], out_dir: Path, symprec: float | None) -> str:
+    best = min((r.energy for r in rows if r.energy is not None), default=None)
     with_relax = any(r.relax for r in rows)
+    with_notes = any(r.symmetry_note for r in rows)
+    sg_cols = _sg_columns(rows, symprec)
+    keys = [k for k, _ in sg_cols]
+    heads = (
+        ['<th class="num">rank</th>', "<th>formula</th>"] + [f"<th>{h}</th>" for _, h in sg_cols]
+        + ['<th class="num">energy per atom<br>(eV/atom)</th>', '<th class="num">energy above<br>the best<br>(meV/atom)</th>']
+        + (["<th>relaxation<br>converged?</th>"] if with_relax else [])
+        + ["<th>files</th>"]
+    )
+    body = []
+    for n, r in enumerate(rows):
+        energy = f"{r.energy:.4f}" if r.energy is not None else _DASH
+        above = f"{(r.energy - best) * 1000.0:.1f}" if r.energy is not None and best is not None else _DASH
+        # Striping by candidate (not by <tr>), so a candidate and its note row share a background.
+        cls = "cand" + (" even" if n % 2 else "") + (" has-note" if r.symmetry_note else "")
+        attrs = f' class="{cls}"' + (f' title="{_e(r.id)}"' if r.id else "")
+        body.append(
+            f'<tr{attrs}><td class="num">{_e(r.rank)}</td><td>{_e(r.formula)}</td>'
+            + "".join(f"<td>{_e(_sg_cell(r, k, keys, symprec))}</td>" for k in keys)
+            + f'<td class="num">{_e(energy)}</td><td class="num">{_e(above)}</td>'
+            + (f"<td>{_relax_cell(r.relax)}</td>" if with_relax else "")
+            + f"<td>{_files_cell(r, out_dir)}</td></tr>"
+        )
+        if r.symmetry_note:
+            # A sentence, so a full-width line under its candidate rather than a column that would widen the table.
+            body.append(f'<tr class="note{" even" if n % 2 else ""}"><td></td>'
+                        f'<td colspan="{len(heads) - 1}">{_e(r.symmetry_note)}</td></tr>')
+    head = "".join(heads)
+    # A long list scrolls inside its box, so the 3-D views below stay near the first screen.
+    return (f'<div class="scroll tall"><table class="cands ranked"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _untrusted_reason(r: _Row) -> str:
+    if r.untrusted_reason:
+        return r.untrusted_reason
+    if not r.valid:
+        return "invalid geometry (atoms too close or a degenerate cell)"
+    return "not trusted" if not r.trusted else "no trustworthy answer in this run"
+
+
+def _untrusted_table(rows: Sequence[_Row], out_dir: Path, symprec: float | None) -> str:
+    sg_cols = _sg_columns(rows, symprec)
+    keys = [k for k, _ in sg_cols]
+    head = ("<th>formula</th>" + "".join(f"<th>{h}</th>" for _, h in sg_cols)
+            + '<th class="num">energy per atom<br>(eV/atom)</th><th>why it is not ranked</th><th>files</th>')
     body = []
     for r in rows:
         energy = f"{r.energy:.4f}" if r.energy is not None else _DASH
-        has_gap = r.valid and r.energy is not None and best is not None
-        above = f"{(r.energy - best) * 1000.0:.1f}" if has_gap else _DASH
-        href = _file_href(r.file, out_dir)
-        link = f'<a href="{_e(href)}">{_e(Path(str(r.file)).name)}</a>' if href else _DASH
-        valid = '<span class="ok">✓</span>' if r.valid else '<span class="bad">✗ invalid</span>'
-        attrs = ("" if r.valid else ' class="invalid"') + (f' title="{_e(r.id)}"' if r.id else "")
+        attrs = f' title="{_e(r.id)}"' if r.id else ""
         body.append(
-            f'<tr{attrs}><td class="num">{_e(r.rank)}</td><td>{_e(r.formula)}</td><td>{_e(r.spacegroup)}</td>'
-            f'<td class="num">{_e(energy)}</td><td class="num">{_e(above)}</td><td>{valid}</td>'
-            + (f"<td>{_e(_relax_text(r.relax))}</td>" if with_relax else "")
-            + f"<td>{link}</td></tr>"
+            f"<tr{attrs}><td>{_e(r.formula)}</td>"
+            + "".join(f"<td>{_e(_sg_cell(r, k, keys, symprec))}</td>" for k in keys)
+            + f'<td class="num">{_e(energy)}</td><td class="reason">{_e(_untrusted_reason(r))}</td>'
+            + f"<td>{_files_cell(r, out_dir)}</td></tr>"
         )
-    head = (
-        '<th class="num">rank</th><th>formula</th><th>space group</th><th class="num">energy (eV/atom)</th>'
-        '<th class="num">above best (meV/atom)</th><th>valid</th>' + ("<th>relaxation</th>" if with_relax else "") + "<th>file</th>"
+    return (f'<div class="scroll"><table class="cands untrusted"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+# ---------------------------------------------------------------------------------------------- 3-D views
+@functools.lru_cache(maxsize=1)
+def _threedmol_script() -> str:
+    """The vendored 3Dmol.js, with its licence as a leading comment, ready to inline in a <script> element."""
+    folder = resources.files("crystalign") / _ASSETS
+    code = (folder / "3Dmol-min.js").read_bytes()  # its sha256 is checked by the tests (THREEDMOL_SHA256)
+    licence = (folder / "3Dmol.LICENSE.txt").read_text(encoding="utf-8").replace("*/", "* /")
+    # "</script" anywhere in the code would end the element early; "<\/script" means the same in JavaScript.
+    text = re.sub(r"</(script)", r"<\\/\1", code.decode("utf-8"), flags=re.I)
+    return f"/* 3Dmol.js {THREEDMOL_VERSION}, inlined by crystalign; its licence:\n{licence}\n*/\n{text}"
+
+
+def _as_atoms(structure):
+    from ase import Atoms
+
+    if isinstance(structure, Atoms):
+        return structure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    return AseAtomsAdaptor.get_atoms(structure)
+
+
+# Atoms closer than this to a cell face also get drawn on the opposite face, as crystal viewers do (a cubic
+# perovskite then shows its eight corner atoms, not one); loose enough for a relaxation's last few mÅ of drift.
+_FACE_TOL_A = 0.05
+
+
+def _near_faces(frac: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which fractional coordinates lie within _FACE_TOL_A of the cell's low and high faces (distance in Å:
+    fractional coordinate times the spacing of the lattice planes)."""
+    return frac * spacing < _FACE_TOL_A, (1.0 - frac) * spacing < _FACE_TOL_A
+
+
+def _display_origin(frac: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """The atom to put at the cell's corner for the picture. Generated structures sit anywhere in the cell (the
+    origin is arbitrary), so a cubic perovskite can come out with no atom on a face and look like a random
+    cluster; shifting the whole crystal to the atom that puts the most atoms on faces, edges and corners gives
+    the picture a crystallographer expects. The same crystal: the linked CIF files keep the original origin."""
+    if len(frac) == 0 or len(frac) > 300:  # (n, n, 3) below; large cells are unreadable anyway
+        return np.zeros(3)
+    shifted = (frac[None, :, :] - frac[:, None, :]) % 1.0
+    shifted[shifted > 1.0 - 1e-9] = 0.0
+    low, high = _near_faces(shifted, spacing)
+    drawn = (2 ** (low | high).sum(axis=2)).sum(axis=1)  # sites drawn, periodic copies included, per origin
+    return frac[int(np.argmax(drawn))]
+
+
+def _p1_cif(structure) -> tuple[str, list[str]]:
+    """A minimal P1 CIF of ``structure`` for the viewer, its origin on an atom (see _display_origin), with the
+    periodic copies of atoms on the cell's faces, edges and corners added; and its elements in order of first
+    appearance."""
+    import itertools
+
+    atoms = _as_atoms(structure)
+    a, b, c, alpha, beta, gamma = atoms.cell.cellpar()
+    frac = atoms.get_scaled_positions(wrap=True)
+    spacing = 1.0 / np.linalg.norm(np.linalg.inv(atoms.cell.array).T, axis=1)
+    frac = (frac - _display_origin(frac, spacing)) % 1.0
+    frac[frac > 1.0 - 1e-9] = 0.0
+    near_low, near_high = _near_faces(frac, spacing)
+    symbols = atoms.get_chemical_symbols()
+    sites = []
+    for s, f, lo, hi in zip(symbols, frac, near_low, near_high):
+        options = [[0] + ([1] if lo[k] else []) + ([-1] if hi[k] else []) for k in range(3)]
+        sites += [(s, f + np.array(shift)) for shift in itertools.product(*options)]
+    lines = [
+        "data_structure",
+        f"_cell_length_a {a:.6f}", f"_cell_length_b {b:.6f}", f"_cell_length_c {c:.6f}",
+        f"_cell_angle_alpha {alpha:.6f}", f"_cell_angle_beta {beta:.6f}", f"_cell_angle_gamma {gamma:.6f}",
+        "_symmetry_space_group_name_H-M 'P 1'",
+        "loop_", "_symmetry_equiv_pos_as_xyz", "'x, y, z'",
+        "loop_", "_atom_site_label", "_atom_site_type_symbol",
+        "_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z",
+    ]
+    lines += [f"{s}{i + 1} {s} {x:.6f} {y:.6f} {z:.6f}" for i, (s, (x, y, z)) in enumerate(sites)]
+    return "\n".join(lines) + "\n", list(dict.fromkeys(symbols))
+
+
+def _jmol_hex(symbol: str) -> str:
+    from ase.data import atomic_numbers
+    from ase.data.colors import jmol_colors
+
+    r, g, b = (int(round(255 * x)) for x in jmol_colors[atomic_numbers.get(symbol, 0)])
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _viewer_card(r: _Row, structure, n: int) -> str:
+    cif, elements = _p1_cif(structure)
+    # One source for the colours of the spheres and of the legend: ASE's Jmol table.
+    colours = {el: _jmol_hex(el) for el in elements}
+    energy = f"{r.energy:.3f} eV/atom" if r.energy is not None else "no energy"
+    sg = next(iter(r.spacegroups.values()), r.spacegroup) if r.spacegroup == _DASH else r.spacegroup
+    legend = "".join(f'<span class="el"><i style="background:{c}"></i>{_e(el)}</span>' for el, c in colours.items())
+    label = f"#{r.rank} {r.formula}, {sg}, {energy}"
+    return (
+        f'<figure class="card" id="structure-{n}">'
+        f'<div class="viewer" role="img" aria-label="{_e("3-D view of " + label)}" data-rank="{_e(r.rank)}" '
+        f"data-cif=\"{_e(cif)}\" data-colors='{_e(json.dumps(colours))}'>"
+        '<p class="fallback">The 3-D view needs JavaScript and WebGL; the CIF file is linked in the table.</p></div>'
+        f'<figcaption><b>#{_e(r.rank)} {_e(r.formula)}</b> · {_e(sg)} · {_e(energy)}'
+        f'<span class="legend">{legend}</span></figcaption></figure>'
     )
-    return f'<div class="scroll"><table class="cands"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
-def _img(data: bytes, alt: str, rel: str) -> str:
+def _viewer_cards(rows: Sequence[_Row], structures: Sequence[Any]) -> list[str]:
+    """The 3-D view cards of ``rows``; none, with a warning, when the vendored viewer cannot be read (a broken
+    install), and a structure that cannot be converted is left out with a warning: the table matters more."""
+    try:
+        _threedmol_script()
+    except OSError as err:
+        warnings.warn(f"report: no 3-D views, the vendored 3Dmol.js could not be read ({err})", stacklevel=3)
+        return []
+    cards = []
+    for r in rows:
+        try:
+            cards.append(_viewer_card(r, structures[r.index], len(cards) + 1))
+        except Exception as err:  # noqa: BLE001 - any conversion failure; the table still lists the candidate
+            warnings.warn(f"report: no 3-D view of candidate {r.id or r.rank} ({type(err).__name__}: {err})", stacklevel=3)
+    return cards
+
+
+# Runs once the library and every viewer box exist (end of <body>). Each box either shows its structure
+# (data-state="drawn") or keeps a sentence saying why not ("fallback", "error"); nothing is thrown to the console,
+# so a browser without WebGL still shows a clean page with the table.
+_VIEWER_JS = """
+(function () {
+  "use strict";
+  var boxes = Array.prototype.slice.call(document.querySelectorAll("div.viewer"));
+  if (!boxes.length) return;
+  function explain(box, state, text) {
+    box.setAttribute("data-state", state);
+    var p = box.querySelector(".fallback");
+    if (p) { p.textContent = text; p.hidden = false; }
+  }
+  var lib = window.$3Dmol, webgl = false;
+  try {
+    var probe = document.createElement("canvas");
+    webgl = !!(window.WebGLRenderingContext && (probe.getContext("webgl2") || probe.getContext("webgl")));
+  } catch (e) { webgl = false; }
+  if (!lib || !webgl) {
+    boxes.forEach(function (box) {
+      explain(box, "fallback", (lib ? "No 3-D view: this browser has WebGL turned off or unavailable."
+                                    : "No 3-D view: the viewer script did not load.") +
+                               " The table and the CIF files are unaffected.");
+    });
+    return;
+  }
+  boxes.forEach(function (box) {
+    try {
+      var colours = JSON.parse(box.getAttribute("data-colors"));
+      var map = {};
+      Object.keys(colours).forEach(function (el) { map[el] = parseInt(colours[el].slice(1), 16); });
+      var viewer = lib.createViewer(box, {backgroundColor: "white", antialias: true});
+      var model = viewer.addModel(box.getAttribute("data-cif"), "cif", {assignBonds: false});
+      viewer.addUnitCell(model, {box: {color: "#444444"}, alabel: "a", blabel: "b", clabel: "c"});
+      viewer.setStyle({}, {sphere: {scale: 0.3, colorscheme: {prop: "elem", map: map}}});
+      viewer.zoomTo();
+      // c up, a towards the viewer and slightly from above (rotations about the screen axes): looking straight
+      // down an axis, as the viewer starts, would hide the third dimension.
+      viewer.rotate(-90, "vx");
+      viewer.rotate(-30, "vy");
+      viewer.rotate(15, "vx");
+      viewer.zoom(0.85);
+      viewer.render();
+      var home = viewer.getView();
+      var reset = document.createElement("button");
+      reset.type = "button";
+      reset.className = "reset";
+      reset.textContent = "reset view";
+      reset.addEventListener("click", function () { viewer.setView(home); viewer.render(); });
+      box.appendChild(reset);
+      box.querySelector(".fallback").hidden = true;
+      box.setAttribute("data-state", "drawn");
+    } catch (err) {
+      explain(box, "error", "The 3-D view failed (" + String((err && err.message) || err).slice(0, 160) +
+                            "). The table and the CIF files are unaffected.");
+    }
+  });
+})();
+"""
+
+
+# ---------------------------------------------------------------------------------------------- captions
+def _first_last(history: Sequence[Mapping[str, Any]], key: str) -> tuple[float, float] | None:
+    values = [v for v in (_finite(row.get(key)) for row in history) if v is not None]
+    return (values[0], values[-1]) if len(values) >= 2 else None
+
+
+def _change(what: str, pair: tuple[float, float], fmt: str | None = None, unit: str = "") -> str:
+    a, b = pair
+    if fmt is None:  # three significant digits for the larger of the two, the same decimals for both
+        fmt = f".{max(0, 2 - math.floor(math.log10(max(abs(a), abs(b), 1e-12))))}f"
+    unit = f" {unit}" if unit else ""
+    if f"{a:{fmt}}" == f"{b:{fmt}}":
+        return f"{what} stayed at {a:{fmt}}{unit}"
+    return f"{what} {'rose' if b > a else 'fell'} from {a:{fmt}} to {b:{fmt}}{unit}"
+
+
+def _history_caption(history: Sequence[Mapping[str, Any]]) -> str:
+    parts = []
+    if (p := _first_last(history, "reward_mean")) is not None:
+        parts.append(_change("the mean reward", p))
+    if (p := _first_last(history, "energy_per_atom_ev_mean")) is not None:
+        parts.append(_change("the mean energy per atom of the RL policy's samples", p, ".3f", "eV/atom"))
+    for key, what in (("rejected_fraction", "the rejected fraction"), ("invalid_fraction", "the invalid fraction")):
+        if (p := _first_last(history, key)) is not None:
+            parts.append(_change(what, (100 * p[0], 100 * p[1]), ".0f", "%"))
+            break
+    n = len(history)
+    head = f"Inference-time RL, {n} iteration{'s' if n != 1 else ''}" + (": " + "; ".join(parts) if parts else "")
+    return head + ". Shaded bands are ± one standard deviation over the batch; validation points use held-out samples."
+
+
+def _hist_caption(before: np.ndarray, after: np.ndarray) -> str:
+    _, _, n_out = _hist_range(np.concatenate([before, after]))
+    if before.size and after.size:
+        mb, ma = float(np.median(before)), float(np.median(after))
+        d = 1000.0 * (ma - mb)
+        text = (f"Energy per atom of the {before.size} structures sampled before RL (base model; median {mb:.3f} eV/atom) "
+                f"and the {after.size} sampled by the RL policy (median {ma:.3f} eV/atom): the median "
+                + (f"{'fell' if d < 0 else 'rose'} by {abs(d):.0f} meV/atom." if abs(d) >= 0.5 else "did not change."))
+    else:
+        values = before if before.size else after
+        text = f"Energy per atom of the {values.size} sampled structures (median {float(np.median(values)):.3f} eV/atom)."
+    text += " Same bins for both; dashed lines are medians."
+    if n_out:
+        text += (f" {n_out} structure{'s' if n_out != 1 else ''} with energies far from the rest "
+                 f"{'lie' if n_out != 1 else 'lies'} outside the shown range.")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- page
+def _img(data: bytes, alt: str, rel: str, caption: str) -> str:
     b64 = base64.b64encode(data).decode("ascii")
     return (
         f'<figure><img src="data:image/png;base64,{b64}" alt="{_e(alt)}">'
-        f'<figcaption><a href="{_e(quote(rel))}">{_e(rel)}</a></figcaption></figure>'
+        f'<figcaption>{_e(caption)} <a href="{_e(quote(rel))}">{_e(rel)}</a></figcaption></figure>'
     )
 
 
 def _section(anchor: str, title: str, how: str, content: str) -> str:
-    return (
-        f'<section id="{_e(anchor)}"><h2>{_e(title)}</h2><p class="how"><b>How to read this:</b> {_e(how)}</p>'
-        f"{content}</section>"
-    )
+    how_html = f'<p class="how">{_e(how)}</p>' if how else ""
+    return f'<section id="{_e(anchor)}"><h2>{_e(title)}</h2>{how_html}{content}</section>'
+
+
+def _warnings(summary: Mapping[str, Any]) -> list[str]:
+    out = [str(w) for w in (summary.get("warnings") or []) if w]
+    for w in summary.get("coverage_warnings") or []:
+        if w and str(w) not in out:
+            out.append(str(w))
+    stopped = summary.get("rl_stopped")
+    if stopped and not any(str(stopped) in w for w in out):
+        out.append(f"Inference-time RL stopped early ({stopped}); the candidates come from the base model alone.")
+    return out
+
+
+def _potential(summary: Mapping[str, Any]) -> str | None:
+    """The interatomic potential that scored the energies, as 'sevenn 7net-0', from ``summary["mlip"]``."""
+    mlip = summary.get("mlip")
+    if not isinstance(mlip, Mapping) or not mlip.get("name"):
+        return None
+    text = str(mlip["name"])
+    if mlip.get("model") not in (None, "", "None"):
+        text += f" {Path(str(mlip['model'])).name}"
+    return text + (f" ({mlip['modal']})" if mlip.get("modal") else "")
+
+
+def _facts(summary: Mapping[str, Any]) -> str:
+    facts = []
+    potential = _potential(summary)
+    for key, label, value in (("model", "model", summary.get("model")),
+                              ("reward", "potential" if potential else "reward", potential or summary.get("reward")),
+                              ("seed", "seed", summary.get("seed"))):
+        if value not in (None, ""):
+            facts.append(f"{label} <b>{_e(_fmt_value(value))}</b>")
+    wall = _finite(summary.get("wall_time_s", summary.get("wall_time")))
+    if wall is not None:
+        facts.append(f"run time <b>{_e(_fmt_duration(wall))}</b>")
+    return f'<p class="facts">{" · ".join(facts)}</p>' if facts else ""
 
 
 _CSS = """
-:root { --fg:#1d2430; --muted:#5b6675; --line:#dfe3e8; --accent:#1f6fb2; --bad:#b3261e; --bg:#f6f7f9; }
+:root { --fg:#1d2430; --muted:#5b6675; --line:#dfe3e8; --accent:#1f6fb2; --bad:#b3261e; --warn:#8a5a00; --bg:#f6f7f9; }
 * { box-sizing: border-box; }
 body { margin:0; background:var(--bg); color:var(--fg);
        font:15px/1.5 "Segoe UI", Roboto, "Helvetica Neue", Arial, "DejaVu Sans", sans-serif; }
-main { max-width:1120px; margin:0 auto; padding:28px 24px 48px; }
-header { background:#fff; border:1px solid var(--line); border-radius:10px; padding:18px 22px; }
-h1 { font-size:24px; margin:0 0 10px; }
+main { max-width:1120px; margin:0 auto; padding:22px 24px 48px; }
+header, section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:16px 22px; }
+section { margin-top:16px; }
+h1 { font-size:15px; font-weight:600; color:var(--muted); margin:0; }
+p.composition { font-size:28px; margin:2px 0 0; }
+p.composition b { font-weight:700; }
+p.facts { color:var(--muted); margin:2px 0 0; font-size:14px; }
+p.facts b { color:var(--fg); font-weight:600; }
 h2 { font-size:18px; margin:0 0 4px; }
-section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:18px 22px; margin-top:18px; }
-p.how { color:var(--muted); margin:0 0 12px; font-size:13.5px; }
+p.how { color:var(--muted); margin:0 0 10px; font-size:13.5px; }
+.warnings { margin-top:12px; border:1px solid #e3b341; background:#fff8e1; border-radius:8px; padding:8px 14px; }
+.warnings ul { margin:4px 0 0; padding-left:20px; }
+.noanswer { border:1px solid #e0a3a0; background:#fdecea; border-radius:8px; padding:10px 16px; }
+.noanswer p.verdict { font-size:20px; font-weight:700; color:var(--bad); margin:0 0 4px; }
+.noanswer p { margin:0; }
 table { border-collapse:collapse; }
-table.query th { text-align:left; color:var(--muted); font-weight:600; padding:2px 18px 2px 0; vertical-align:top; }
-table.query td { padding:2px 0; }
 .scroll { overflow-x:auto; }
+.scroll.tall { max-height:30em; overflow-y:auto; }
+.scroll.tall thead th { position:sticky; top:0; background:#fff; z-index:1; }
+@media print { .scroll.tall { max-height:none; } }
 table.cands { width:100%; font-size:14px; }
-table.cands th { text-align:left; border-bottom:2px solid var(--line); padding:6px 10px; color:var(--muted);
-                 font-weight:600; white-space:nowrap; }
+table.cands th { text-align:left; vertical-align:bottom; border-bottom:2px solid var(--line); padding:6px 9px;
+                 color:var(--muted); font-weight:600; line-height:1.25; white-space:nowrap; }
 table.cands th.num { text-align:right; }
-table.cands td { border-bottom:1px solid var(--line); padding:5px 10px; }
-table.cands tbody tr:nth-child(even) { background:#fafbfc; }
-table.cands tr.invalid td { color:#8a8f98; }
-td.num { text-align:right; font-variant-numeric:tabular-nums; font-size:13px;
+table.cands td { border-bottom:1px solid var(--line); padding:5px 9px; white-space:nowrap; }
+table.cands tr.even { background:#fafbfc; }
+table.cands tr.has-note td { border-bottom:none; }
+table.cands tr.note td { font-size:13px; color:var(--muted); white-space:normal; padding-top:0; }
+table.cands td.reason { font-size:13px; color:var(--muted); white-space:normal; min-width:14em; }
+table.untrusted td { color:#6b717b; }
+table.untrusted tbody tr:nth-child(even) { background:#fafbfc; }
+td.num { text-align:right; font-variant-numeric:tabular-nums; font-size:13px; white-space:nowrap;
          font-family:"DejaVu Sans Mono", Menlo, Consolas, monospace; }
 .ok { color:#2a7d46; font-weight:600; }
+.warn { color:var(--warn); font-weight:600; }
 .bad { color:var(--bad); font-weight:600; }
 a { color:var(--accent); text-decoration:none; }
 a:hover { text-decoration:underline; }
+.viewers { display:grid; grid-template-columns:repeat(auto-fill, minmax(250px, 1fr)); gap:12px; margin-top:14px; }
+.card { margin:0; border:1px solid var(--line); border-radius:8px; overflow:hidden; background:#fff; }
+.viewer { position:relative; width:100%; height:250px; background:#fff; }
+.viewer .fallback { position:absolute; inset:0; margin:0; padding:24px; display:flex; align-items:center;
+                    justify-content:center; text-align:center; color:var(--muted); font-size:13px; }
+.viewer .fallback[hidden] { display:none; }
+.viewer button.reset { position:absolute; right:6px; bottom:6px; z-index:1; font-size:11px; color:var(--muted);
+                       background:#ffffffcc; border:1px solid var(--line); border-radius:4px; padding:1px 6px; cursor:pointer; }
+.card figcaption { border-top:1px solid var(--line); padding:5px 10px; font-size:13px; }
+.legend { display:block; color:var(--muted); font-size:12px; }
+.legend .el { margin-right:10px; white-space:nowrap; }
+.legend i { display:inline-block; width:10px; height:10px; border-radius:50%; border:1px solid #0006; margin-right:4px;
+            vertical-align:-1px; }
 .grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(min(480px, 100%), 1fr)); gap:14px; }
 figure { margin:0; }
 figure img { display:block; width:auto; max-width:100%; height:auto; border:1px solid var(--line); border-radius:6px; background:#fff; }
-.grid figure img { width:100%; }
-figcaption { font-size:12px; color:var(--muted); margin-top:3px; }
+figcaption { font-size:13px; color:var(--muted); margin-top:4px; }
+details#provenance { margin-top:16px; background:#fff; border:1px solid var(--line); border-radius:10px; padding:10px 22px; }
+details#provenance summary { cursor:pointer; font-weight:600; }
+table.kv th { text-align:left; color:var(--muted); font-weight:600; padding:2px 18px 2px 0; vertical-align:top; }
+table.kv td { padding:2px 0; overflow-wrap:anywhere; }
+table.kv.nested { font-size:13px; }
+table.kv ul { margin:0; padding-left:18px; }
 footer { color:var(--muted); font-size:12px; margin-top:18px; text-align:center; }
 """
 
@@ -526,18 +957,24 @@ def write_report(
     Args:
         out_dir: report folder; ``file`` entries of ``candidates`` are linked relative to it.
         title: page title.
-        summary: the query and provenance (composition, model, reward, seed, wall_time_s, versions, ...); every
-            key is shown, the well-known ones first.
+        summary: the query and provenance (composition, model, reward, seed, wall_time_s, versions, ...); all
+            of it is shown, folded, at the bottom. Read for the first screen: ``composition`` (or ``formula``),
+            ``model``, ``reward``, ``seed``, ``wall_time_s``, ``symprec`` (Å, the space-group tolerance),
+            ``warnings`` (list of strings; also ``coverage_warnings`` and ``rl_stopped``), ``answer`` ("none" when
+            no trustworthy candidate exists) and ``no_answer_reason``.
         candidates: one dict per candidate with ``rank, id, formula, spacegroup, energy_per_atom_ev, valid,
-            file``; the energy may be None/NaN (shown as "—").
+            file`` and optionally ``relax`` ({status, steps, fmax_ev_per_a}), ``trusted`` (False: listed under
+            "Not ranked (untrusted)" with ``untrusted_reason``, never in the ranked answer), ``spacegroups``
+            ({tolerance in Å: "Cm (8)"}), ``symmetry_note`` and ``conventional_file``. Invalid candidates are
+            never ranked either. The energy may be None/NaN (shown as "—").
         history: RL iterations, rows with ``iteration`` and any of ``reward_mean``, ``reward_std``,
             ``val_reward_mean``, ``energy_per_atom_ev_mean``, ``invalid_fraction``, ...; section skipped if empty.
         energies_before, energies_after: energy per atom of the samples before and after RL (non-finite values
             are dropped); section skipped if both are empty.
         schedule: ``{"t": [...], "pos_s": [...], "cell_s": [...], "pos_sigma": [...]}``, any subset of series.
         structures: aligned with ``candidates`` (``structures[i]`` is candidate ``i``; None entries allowed);
-            pictures of the ``top_k`` best-ranked candidates that have one.
-        top_k: how many structures to draw.
+            interactive 3-D views of the ``top_k`` best-ranked candidates that have one.
+        top_k: how many structures to show in 3-D (at most MAX_3D_VIEWS).
 
     Returns:
         The path of ``report.html``.
@@ -548,89 +985,96 @@ def write_report(
     rows = _rows(candidates)
     if structures is not None and len(structures) != len(rows):
         raise ValueError(f"{len(structures)} structures for {len(rows)} candidates; they must be aligned")
+    symprec = _finite(summary.get("symprec"))
+    composition = summary.get("composition") or summary.get("formula")
 
-    def emit(fig: Figure, name: str, alt: str) -> str:
+    def emit(fig: Figure, name: str, alt: str, caption: str) -> str:
         data = _figure_bytes(fig)
         _write_bytes(fig_dir / name, data)
-        return _img(data, alt, f"{FIGURES_DIR}/{name}")
+        return _img(data, alt, f"{FIGURES_DIR}/{name}", caption)
 
+    # ---- first screen: the answer
+    no_answer = str(summary.get("answer", "")).lower() == "none"
+    ranked = [] if no_answer else sorted((r for r in rows if r.valid and r.trusted), key=_rank_key)
+    ranked_ids = {r.index for r in ranked}
+    unranked = sorted((r for r in rows if r.index not in ranked_ids), key=_rank_key)
     sections = []
-    n_valid = sum(r.valid for r in rows)
-    if rows:  # an RL-fit report has training curves, no candidates
-        sections.append(
-            _section(
-                "candidates",
-                f"Candidates ({len(rows)}, {n_valid} valid)",
-                "ranked by MLIP energy per atom (lower is more stable); 'above best' is the gap to the lowest-energy "
-                "valid candidate in meV/atom, so 0 marks the best. Invalid structures (overlapping atoms, degenerate "
-                "cells) are greyed out and have no gap.",
-                _candidate_table(rows, out_dir),
+    viewers_used = False
+    if rows or no_answer:  # an RL-fit report has training curves, no candidates and no answer
+        if ranked:
+            content = _ranked_table(ranked, out_dir, symprec)
+            cards = []
+            if structures is not None and top_k > 0:
+                shown = [r for r in ranked if structures[r.index] is not None][: min(top_k, MAX_3D_VIEWS)]
+                cards = _viewer_cards(shown, structures)
+            if cards:
+                viewers_used = True
+                content += f'<div class="viewers">{"".join(cards)}</div>'
+            potential = _potential(summary)
+            scorer = (f", as computed by the interatomic potential {potential}" if potential
+                      else f", as scored by the reward '{summary['reward']}'" if summary.get("reward") else "")
+            how = (f"Lowest energy per atom first{scorer}; 'energy above the best' is the gap to rank 1. "
+                   "'Relaxation converged?' says whether the largest remaining force fell below the threshold; if not "
+                   "(the force left is given), the energy is less certain."
+                   + (" 3-D views: drag to rotate, scroll to zoom; the box is the unit cell (axes a red, b green, "
+                      "c blue), its corner moved onto an atom, and atoms on its faces and corners are repeated."
+                      if cards else "")
+                   + (f" The table scrolls: all {len(ranked)} are listed." if len(ranked) > 12 else ""))
+            sections.append(_section("answer", f"Answer: {len(ranked)} ranked structure{'s' if len(ranked) != 1 else ''}"
+                                     + (f" for {composition}" if composition else ""), how, content))
+        else:
+            reason = str(summary.get("no_answer_reason") or "")
+            if not reason:
+                reason = (f"None of the {len(rows)} candidates is trustworthy: each was invalid or failed a check; "
+                          "see 'Not ranked' below." if rows else "No candidates were produced.")
+            verdict = "No trustworthy structure was found" + (f" for {composition}." if composition else ".")
+            sections.append(
+                f'<section id="answer"><div class="noanswer"><p class="verdict">{_e(verdict)}</p>'
+                f"<p>{_e(reason)}</p></div></section>"
             )
-        )
-
-    if structures is not None and top_k > 0:
-        order = sorted(range(len(rows)), key=lambda i: (_finite(rows[i].rank) is None, _finite(rows[i].rank) or 0.0, i))
-        chosen = [i for i in order if structures[i] is not None][:top_k]
-        figs = []
-        for n, i in enumerate(chosen, start=1):
-            r = rows[i]
-            energy = f"{r.energy:.3f} eV/atom" if r.energy is not None else "no energy"
-            caption = f"#{r.rank}  {r.formula}  ·  {r.spacegroup}  ·  {energy}" + ("" if r.valid else "  ·  INVALID")
-            fig = _structure_figure(structures[i], caption)
-            figs.append(emit(fig, f"structure_{n:02d}.png", caption))
-        if figs:
+        if unranked:
             sections.append(
                 _section(
-                    "structures",
-                    f"Top {len(figs)} structures",
-                    "one unit cell per candidate (the cell is the dashed box; atoms on its faces and corners are "
-                    "repeated for clarity), seen down the a axis and from an oblique angle; colours follow the legend.",
-                    f'<div class="grid">{"".join(figs)}</div>',
+                    "untrusted",
+                    f"Not ranked (untrusted): {len(unranked)} candidate{'s' if len(unranked) != 1 else ''}",
+                    "Generated and scored, but left out of the answer for the reason given; their files are kept "
+                    "for inspection.",
+                    _untrusted_table(unranked, out_dir, symprec),
                 )
             )
 
+    # ---- below the fold: how the run got there
     if history:
         fig = _history_figure(history)
         if fig is not None:
-            sections.append(
-                _section(
-                    "history",
-                    "RL progress",
-                    "each point is one RL iteration; the reward should rise and the energy fall while the invalid "
-                    "fraction stays low. Shaded bands are ± one standard deviation over the batch; validation "
-                    "curves use held-out samples.",
-                    emit(fig, "rl_history.png", "reward and energy over RL iterations"),
-                )
-            )
+            sections.append(_section("history", "RL progress", "",
+                                     emit(fig, "rl_history.png", "reward and energy over RL iterations", _history_caption(history))))
 
     before, after = _finite_array(energies_before), _finite_array(energies_after)
     fig = _energy_hist_figure(before, after)
     if fig is not None:
-        sections.append(
-            _section(
-                "energies",
-                "Energy distribution",
-                "energy per atom of the generated structures, before and after RL, on the same bins; dashed lines "
-                "are medians. RL working means the 'after' mass moves left (lower energy).",
-                emit(fig, "energy_hist.png", "energy per atom before vs after RL"),
-            )
-        )
+        sections.append(_section("energies", "Energy distribution", "",
+                                 emit(fig, "energy_hist.png", "energy per atom before vs after RL", _hist_caption(before, after))))
 
     if schedule:
         fig = _schedule_figure(schedule)
         if fig is not None:
-            sections.append(
-                _section(
-                    "schedule",
-                    "Learned schedule",
-                    "s(t) is the learned velocity annealing: the frozen velocity is scaled by 1 + s(t) (the dashed "
-                    "line is the untrained s = 0); σ(t) is the exploration noise of the RL policy along the trajectory, "
-                    "from noise (t=0) to data (t=1).",
-                    emit(fig, "schedule.png", "learned schedule"),
-                )
-            )
+            caption = ("s(t) is the learned velocity annealing: the frozen velocity is scaled by 1 + s(t) (the dashed "
+                       "line is the untrained s = 0); σ(t) is the exploration noise of the RL policy along the "
+                       "trajectory, from noise (t = 0) to data (t = 1).")
+            sections.append(_section("schedule", "Learned schedule", "", emit(fig, "schedule.png", "learned schedule", caption)))
 
+    warns = _warnings(summary)
+    warn_html = ('<div class="warnings" role="alert"><b>Warnings</b><ul>' + "".join(f"<li>{_e(w)}</li>" for w in warns)
+                 + "</ul></div>") if warns else ""
+    comp_html = f'<p class="composition">Composition <b>{_e(composition)}</b></p>' if composition else ""
+    provenance = (
+        '<details id="provenance"><summary>Run details and provenance: versions, options, command, hashes, seed '
+        f'and every summary value</summary><table class="kv">{_provenance_rows(summary)}</table></details>'
+    )
+    scripts = (f'<script>{_threedmol_script()}</script>\n<script>{_VIEWER_JS}</script>' if viewers_used else "")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    credit = f" 3-D views by 3Dmol.js {THREEDMOL_VERSION} (BSD-3-Clause), inlined." if viewers_used else ""
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -643,13 +1087,15 @@ def write_report(
 <main>
 <header>
 <h1>{_e(title)}</h1>
-<table class="query">
-{_header_rows(summary)}
-</table>
+{comp_html}
+{_facts(summary)}
+{warn_html}
 </header>
 {chr(10).join(sections)}
-<footer>Generated {_e(stamp)} by crystalign.</footer>
+{provenance}
+<footer>Generated {_e(stamp)} by crystalign.{_e(credit)}</footer>
 </main>
+{scripts}
 </body>
 </html>
 """

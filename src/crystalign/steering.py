@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pymatgen.core import Composition, Structure
 
     from crystalign.rewards import Reward
-    from crystalign.rl.loop import Policy
+    from crystalign.rl.rollout import Policy
 
 
 @dataclass
@@ -49,7 +49,7 @@ class SteeredModel:
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> "SteeredModel":
         """From an RL checkpoint (``last.pt`` / ``best.pt`` of ``steer(out=...)``, ``rl fit`` or ``predict``)."""
-        from crystalign.rl.loop import load_policy
+        from crystalign.rl.checkpoints import load_policy
 
         policy, state = load_policy(path, map_location)
         return cls(policy, list(state.get("history", [])), Path(path))
@@ -72,7 +72,7 @@ class SteeredModel:
         """
         from tqdm import tqdm
 
-        from crystalign.rl.loop import rollout
+        from crystalign.rl.rollout import rollout
 
         steps = self.policy.config.steps if steps is None else int(steps)
         if steps < 2:
@@ -141,14 +141,15 @@ def steer(
     ``resume=True`` continues an interrupted run there, after checking that the compositions, the options and
     the reward's name are the run's (a Python function is known by its name only). Without ``out`` nothing is
     kept. ``seed`` fixes the policy's initialisation and every draw of the run.
-    ``rl_options``: any :class:`~crystalign.rl.loop.RLConfig` field, e.g. ``variant="score"``, ``steps=50``,
+    ``rl_options``: any :class:`~crystalign.rl.config.RLConfig` field, e.g. ``variant="score"``, ``steps=50``,
     ``group_size=8``, ``num_groups=4``, ``lr=1e-4``, ``fields=["pos", "cell"]``,
     ``noise={"pos": {"kind": "constant", "a": 0.1}, ...}``, ``num_threads=2``. A :class:`Generator` passed in
     is moved to ``device`` and frozen (it becomes the policy's reference).
     """
     import dataclasses
 
-    from crystalign.rl.loop import RLConfig, RLTrainer, check_device, make_policy
+    from crystalign.rl.config import RLConfig, check_device
+    from crystalign.rl.trainer import RLTrainer, make_policy
 
     if "reward" in rl_options or "iterations" in rl_options:
         raise TypeError("pass reward and iterations as steer()'s own arguments")

@@ -1,11 +1,20 @@
-"""The ``crystalign`` command line. Each command group lives in its own module and registers here."""
+"""The ``crystalign`` command line. Each command group lives in its own module and registers here.
+
+No module of this package imports torch, pymatgen, lightning or a potential at module level: each command imports
+them when its work starts, after its cheap input checks and after :func:`crystalign.cli.common.use_threads` has
+chosen the thread settings (which the OpenMP runtime reads only once, when torch starts). `--help`, `models`,
+`config list` and refused inputs so answer at once; tests/test_cli_startup.py holds that.
+"""
 
 from __future__ import annotations
 
 import typer
 
+from crystalign.cli.common import OneLineErrors
+
 app = typer.Typer(
     name="crystalign",
+    cls=OneLineErrors,
     help="Steerable generative crystal structure prediction (stochastic interpolants + inference-time RL).",
     no_args_is_help=True,
     add_completion=False,

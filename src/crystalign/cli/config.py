@@ -22,16 +22,30 @@ def config_class(kind: str) -> type:
 
         return TrainConfig
     if kind == "rl":
-        from crystalign.rl.loop import RLConfig
+        from crystalign.rl.config import RLConfig
 
         return RLConfig
     raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
+#: the top-level keys of RLConfig that TrainConfig lacks, written out because importing either config class imports
+#: torch (and lightning), which `config list` must not wait for; tests/test_cli_config.py keeps it equal to the classes'
+RL_ONLY_KEYS = frozenset({
+    "clip_eps", "costs", "device", "duplicate_check", "fields", "grad_clip", "group_size", "iterations", "lr",
+    "max_atoms_per_backward", "max_invalid_fraction", "minibatch_trajectories", "noise", "normalize_costs", "num_groups",
+    "num_threads", "position_normalization", "ppo_epochs", "reference_noise", "reward", "scale_model", "share_x0",
+    "steps", "variant",
+})
+
+
+def rl_only_keys() -> set[str]:
+    """RL_ONLY_KEYS computed from the config classes (imports torch)."""
+    return {f.name for f in dataclasses.fields(config_class("rl"))} - {f.name for f in dataclasses.fields(config_class("train"))}
+
+
 def guess_kind(data: dict) -> str:
     """'rl' when the config has a key only RL configs have (variant, reward, group_size, ...), else 'train'."""
-    rl_only = {f.name for f in dataclasses.fields(config_class("rl"))} - {f.name for f in dataclasses.fields(config_class("train"))}
-    return "rl" if set(data) & rl_only else "train"
+    return "rl" if set(data) & RL_ONLY_KEYS else "train"
 
 
 def _description(path: Path) -> str:

@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from crystalign.cli.common import threads_option, use_threads
+
 app = typer.Typer(
     help="Datasets: list the registry, download named splits, summarise any dataset.\n\n"
     "Example: crystalign data summary perov_5 --split val --data-root /data/csp",
@@ -122,11 +124,13 @@ def summary_cmd(
     workers: int = typer.Option(0, "--workers", "-j", min=0, help="Processes for the space-group search (0: all cores, at most 8)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out unreadable rows instead of stopping."),
     top: int = typer.Option(15, "--top", min=1, help="Rows shown per table (elements, space groups)."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Summarise a dataset: sizes, elements, space groups, lattice statistics, log-normal length fit.
 
     Example: crystalign data summary perov_5 --split val --data-root /data/csp --json
     """
+    use_threads(threads)
     from crystalign.data.errors import DataError
     from crystalign.data.readers import load_dataset
     from crystalign.data.summary import format_summary, summarize

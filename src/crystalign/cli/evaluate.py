@@ -30,10 +30,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-import numpy as np
 import typer
 
+from crystalign.cli.common import fail as _fail, threads_option, use_threads
+
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     from pymatgen.core import Structure
 
 EXAMPLE = """\
@@ -87,19 +89,18 @@ def evaluate(
         "of the same reduced composition ('any': polymorph splits such as carbon_24).",
     ),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the named datasets (for a dataset name in -r)."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs)."""
-    from crystalign.cli.generate import _fail
     from crystalign.io import OutputPathError, check_output_file, remove_stale_parts, write_json
-    from crystalign.metrics import CheckpointError, csp_metrics
-    from crystalign.provenance import versions
 
+    use_threads(threads)
     checkpoint = None
     if out is not None:
         try:  # up front: a bad --out must not surface only after all the matching
             check_output_file(out)
         except OutputPathError as exc:
-            raise typer.BadParameter(str(exc), param_hint="'--out'") from None
+            _fail(f"--out: {exc}")
         checkpoint = checkpoint_path(out)
         remove_stale_parts(out.parent, names=[out.name])  # a write of --out that a kill interrupted
         if checkpoint.exists() and not resume:
@@ -114,7 +115,10 @@ def evaluate(
             gen, gen_names = load_structures(generated, tolerate_unreadable=True)
             ref, _ = load_structures(reference, tolerate_unreadable=False, data_root=data_root)
         except (ValueError, OSError) as exc:  # DataError is a ValueError
-            raise typer.BadParameter(str(exc)) from exc
+            _fail(str(exc))
+        from crystalign.metrics import CheckpointError, csp_metrics  # after the inputs: it imports torch
+        from crystalign.provenance import versions
+
         unreadable = [name for s, name in zip(gen, gen_names) if s is None]
         if unreadable:
             typer.echo(f"{len(unreadable)} generated structure(s) unreadable, counted invalid: {', '.join(unreadable[:10])}", err=True)
@@ -123,10 +127,8 @@ def evaluate(
                 gen, ref, k=k, n_workers=workers, timeout=timeout or None, progress=progress, metre=metre,
                 checkpoint=checkpoint,
             )
-        except CheckpointError as exc:  # not a bad option: a file to resume from or delete
+        except (CheckpointError, ValueError) as exc:  # CheckpointError: a file to resume from or delete
             _fail(str(exc))
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from exc
     except KeyboardInterrupt:
         if checkpoint is not None and checkpoint.exists():
             msg = f"interrupted: the finished pairs are saved in {checkpoint}; rerun the same command with --resume to continue"
@@ -285,6 +287,7 @@ def _structure(lattice: np.ndarray, numbers, frac: np.ndarray) -> "Structure | N
 
 
 def _load_extxyz_tolerant(path: Path):
+    import numpy as np
     from ase.io import read
 
     try:

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
+from crystalign.cli.common import (
+    check_device_name, check_model, check_output_parent, fail as _fail, threads_option, use_threads,
+)
 
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+# no torch here: see crystalign/cli/__init__.py
 
 
 def train_cmd(
@@ -31,6 +31,7 @@ def train_cmd(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop after this much wall time."),
     max_epochs: Optional[int] = typer.Option(None, "--max-epochs"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the named datasets."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Train a CSP base model.
 
@@ -38,11 +39,13 @@ def train_cmd(
     (a bare name selects a shipped preset config, see `crystalign config list`; a path selects your own YAML,
     `crystalign config show perov_5_cpu` prints every key to start one from)
     """
+    use_threads(threads)
+    path = resolve_config(config)  # before lightning and torch are imported
+
     from crystalign.config import ConfigError, load_config
     from crystalign.io import OutputPathError
     from crystalign.training import TrainConfig, train
 
-    path = resolve_config(config)
     try:
         cfg = load_config(path, TrainConfig)
     except ConfigError as err:
@@ -59,6 +62,8 @@ def train_cmd(
         cfg.optim.max_minutes = max_minutes
     if max_epochs is not None:
         cfg.optim.max_epochs = max_epochs
+    if threads is not None:  # the config's trainer.num_threads would otherwise override --threads
+        cfg.trainer.num_threads = threads
     try:
         result = train(cfg, out, resume=resume, data_root=str(data_root) if data_root else None, config_path=str(path))
     except KeyboardInterrupt:
@@ -103,6 +108,7 @@ def sample_cmd(
         None, "--data-root", help="Folder holding the named datasets (for a dataset name in --compositions-from)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT from its last finished batch."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Sample crystal structures for compositions.
 
@@ -110,10 +116,18 @@ def sample_cmd(
       crystalign sample --model perov_5 --composition SrTiO3 -n 32 --out samples/
       crystalign sample --model runs/perov_5/model.pt --compositions-from holdout.csv -k 1 --out gen/
     """
-    from crystalign.generator import Generator, composition_batch
     from crystalign.io import OutputPathError, check_output_dir
 
+    used_threads = use_threads(threads)
+    # cheap checks first, before torch and the model load
     check_sample_counts(composition, compositions_from, n, k)
+    check_model(model)
+    check_device_name(device, "--device")
+    check_output_parent(out)  # creates nothing: a query refused below leaves no empty folder
+
+    from crystalign.coverage import composition_coverage_warnings
+    from crystalign.generator import Generator, composition_batch
+
     torch_device = check_device(device)
     try:
         gen = Generator.load(model).to(torch_device)
@@ -145,7 +159,7 @@ def sample_cmd(
     try:
         result = run_sampling(
             gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides,
-            model_name=model, resume=resume, extra_record={"device": str(torch_device), "coverage_warnings": warns},
+            model_name=model, resume=resume, extra_record={"device": str(torch_device), "threads": used_threads, "coverage_warnings": warns},
         )
     except ValueError as err:
         _fail(str(err))
@@ -195,28 +209,9 @@ def check_sample_folder(out: Path, resume: bool) -> None:
         raise FileExistsError(f"{out} already holds samples (samples.json); choose another --out or delete them first")
 
 
-def composition_coverage_warnings(gen, template) -> list[str]:
-    """predict's training-coverage warnings, once per distinct composition of ``template``."""
-    from pymatgen.core import Composition, Element
-
-    from crystalign.generator import cell_formula
-    from crystalign.prediction import coverage_warnings
-
-    out, seen = [], set()
-    for z in template.species.split(template.n_atoms.tolist()):
-        key = tuple(sorted(z.tolist()))
-        if key in seen:
-            continue
-        seen.add(key)
-        # pymatgen's formula orders elements by electronegativity (SrTiO3, not O3SrTi)
-        formula = cell_formula(Composition(Composition({Element.from_Z(a).symbol: key.count(a) for a in set(key)}).formula))
-        out += [f"{formula}: {w}" for w in coverage_warnings(gen, list(key))]
-    return out
-
-
 def check_device(device: str) -> torch.device:
     """The torch device named ``device``, or a clean CLI error when it is unknown or not available here."""
-    from crystalign.rl.loop import check_device as resolve
+    from crystalign.rl.config import check_device as resolve
 
     try:
         return resolve(device, "--device")
@@ -237,6 +232,7 @@ def run_sampling(
     import hashlib
     import shutil
 
+    import torch
     from tqdm import tqdm
 
     from crystalign.crystal import CrystalBatch

@@ -8,12 +8,9 @@ from typing import List, Optional
 
 import typer
 
+from crystalign.cli.common import check_device_name, fail as _fail, threads_option, use_threads
+
 app = typer.Typer(help="Reference convex hulls for the energy-above-hull reward.", no_args_is_help=True)
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 @app.command("build")
@@ -36,6 +33,7 @@ def build_cmd(
         True, "--add-elements/--no-add-elements", help="Add approximate elemental references the references lack."
     ),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="References per saved batch (the unit --resume keeps)."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Compute MLIP energies of REFERENCES and save the hull entries.
 
@@ -45,13 +43,20 @@ def build_cmd(
     import warnings
 
     from crystalign.io import OutputPathError, check_output_file
+
+    use_threads(threads)
+    check_device_name(device, "--device", extra=("auto",))
+    try:  # before any MLIP energy is computed, so a bad --out never costs the work
+        check_output_file(out)
+    except OutputPathError as err:
+        _fail(str(err))
+
     from crystalign.rewards.hull import build_hull, check_partial, partial_path
     from crystalign.rewards.mlip import get_backend
 
-    try:  # before any MLIP energy is computed, so a bad --out never costs the work
-        check_output_file(out)
+    try:
         check_partial(out, resume)
-    except (OutputPathError, FileExistsError) as err:
+    except FileExistsError as err:
         _fail(str(err))
     try:  # a bad model fails now, not after every reference has been read
         mlip = get_backend(backend, model=model, device=device, dtype=dtype, modal=modal).load()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from crystalign.model.checkpoint import CheckpointError
+from crystalign.cli.common import use_threads
 
 
 def import_omatg(
@@ -26,11 +26,13 @@ def import_omatg(
 
     Example: crystalign import-omatg MP-20-CSP/Trig-SDE-Gamma/model.ckpt --out mp20_trig_sde.pt
     """
+    use_threads(None)  # before torch starts (the default count; a conversion hardly computes)
     from crystalign.cli.generate import resolve_config
     from crystalign.config import ConfigError, load_config
     from crystalign.distributions import BaseDistribution
     from crystalign.generator import Generator
     from crystalign.io import check_output_file, save_torch
+    from crystalign.model.checkpoint import CheckpointError
     from crystalign.model.omatg_import import load_omatg_model
     from crystalign.training import TrainConfig
 

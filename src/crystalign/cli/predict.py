@@ -9,8 +9,13 @@ from typing import Optional
 
 import typer
 
-from crystalign.cli.generate import _fail
-from crystalign.prediction import DEFAULT_COMPOSITION, DEFAULT_MODEL
+from crystalign.cli.common import (
+    PRETRAINED, check_device_name, check_model, check_output_parent, fail as _fail, threads_option, use_threads,
+)
+
+# crystalign.prediction's defaults, repeated here because importing it imports torch (a test keeps them equal)
+DEFAULT_COMPOSITION = "SrTiO3"
+DEFAULT_MODEL = "perov_5"
 
 
 def predict_cmd(
@@ -30,17 +35,20 @@ def predict_cmd(
     rl_steps: int = typer.Option(20, "--rl-steps", help="Iterations of inference-time RL on this composition (0 = base model only)."),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
     relax_steps: int = typer.Option(100, "--relax-steps", help="Maximum FIRE steps per structure."),
-    relax_top: int = typer.Option(16, "--relax-top", help="Relax only this many lowest-energy candidates."),
+    relax_top: int = typer.Option(16, "--relax-top", help="Relax only this many lowest-energy distinct candidates (copies of one structure relax into one minimum)."),
     formula_units: str = typer.Option(
         "", "--formula-units", "-z",
         help="Formula units per cell to try, -n candidates each: e.g. 1,2,4, or auto (the multiples within the model's "
-        "training cell sizes, up to 6). Default: the composition as written.",
+        "training cell sizes, up to 6). Default: the composition as written, or auto when its cell size lies outside the "
+        "model's training range.",
     ),
+    force: bool = typer.Option(False, "--force", help="Sample even a composition the model cannot cover (an element it never saw, no cell size in its range)."),
     steps: int = typer.Option(50, "--steps", help="Integration time points."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default predictions/FORMULA)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Predict likely low-energy crystal structures of a composition; writes CIFs and report.html.
 
@@ -51,17 +59,25 @@ def predict_cmd(
       crystalign predict C --model carbon_24 -z auto -n 16     # cells of 6 to 24 carbon atoms
       crystalign predict BaTiO3 --backend mace --mlip-model mace-mpa-0-medium.model   # a local MACE file
     """
+    use_threads(threads)
+    # cheap checks first: they answer before torch and the potential are imported (predict checks the rest)
+    if reward != "energy":
+        _fail(f"--reward {reward!r}: predict ranks by MLIP energy; use `crystalign rl fit` with a config for other rewards")
+    check_counts(n, rl_steps, steps, relax_top, relax_steps)
+    check_model(model)
+    check_device_name(device, "--device")
+    if out is not None:
+        check_output_parent(out)
+
     from crystalign.prediction import PredictWarning, default_out_dir, predict
     from crystalign.rewards.mlip import MLIPLoadError
 
-    if reward != "energy":
-        _fail(f"--reward {reward!r}: predict ranks by MLIP energy; use `crystalign rl fit` with a config for other rewards")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PredictWarning)
         try:
             result = predict(
                 composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
-                steps=steps, formula_units=formula_units, out=str(out) if out else "", resume=resume, seed=seed, device=device,
+                steps=steps, formula_units=formula_units, force=force, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
         except KeyboardInterrupt:
@@ -76,29 +92,44 @@ def predict_cmd(
                     typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
     s = result.summary
     cells = ", ".join(s.get("cells") or [s["formula"]])
-    if not s["n_unique"]:
+    ranked = [r for r in result.candidates if r.get("trusted", True)]
+    untrusted = [r for r in result.candidates if not r.get("trusted", True)]
+    if not ranked:
+        reason = s.get("no_answer_reason") or "every structure failed the validity check or the potential's trust checks"
         typer.secho(
-            f"\n{cells}: no valid candidate among {s['n_candidates']}: every structure failed the validity check or the "
-            f"potential's trust checks (see warnings above and {result.out_dir / 'report.html'}). Try more candidates (-n), "
-            "other cell sizes (-z), or a model trained on similar compositions.",
+            f"\n{cells}: no trustworthy structure among {s['n_candidates']} candidates: {reason} (see warnings above and "
+            f"{result.out_dir / 'report.html'}). Try more candidates (-n), other cell sizes (-z), or a model trained on "
+            "similar compositions.",
             fg=typer.colors.RED, err=True,
         )
         raise typer.Exit(1)
-    typer.echo(f"\n{cells}: {s['n_unique']} unique valid candidates of {s['n_candidates']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom)")
-    for row in result.candidates[:10]:
-        relax = row.get("relax", {})
-        flag = "" if relax.get("status", "converged") == "converged" else f"  ({relax['status'].replace('_', ' ')})"
-        typer.echo(f"  {row['rank']:>3}  {row['formula']:<12} {row['spacegroup']:<16} {row['energy_per_atom_ev']:9.4f} eV/atom  +{row['energy_above_best_mev']:6.1f} meV  {row['file']}{flag}")
-    unsettled = [r for r in result.candidates if r.get("relax", {}).get("status") in ("not_converged", "failed")]
-    if unsettled:
-        forces = [r["relax"]["fmax_ev_per_a"] for r in unsettled if "fmax_ev_per_a" in r["relax"]]
-        worst = f" (largest remaining force {max(forces):.2f} eV/Å)" if forces else ""
-        typer.secho(
-            f"warning: {len(unsettled)} ranked candidate(s) did not finish relaxing{worst}; their energies and "
-            f"space groups are provisional: raise --relax-steps",
-            fg=typer.colors.YELLOW, err=True,
-        )
+    symprec = s.get("symprec")
+    typer.echo(
+        f"\n{cells}: {s['n_unique']} unique trusted candidates of {s['n_candidates']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom"
+        + (f"; space groups at {symprec:g} Å)" if symprec else ")")
+    )
+    for row in ranked[:10]:
+        typer.echo(f"  {row['rank']:>3}  {row['formula']:<12} {row['spacegroup']:<16} {row['energy_per_atom_ev']:9.4f} eV/atom  +{row['energy_above_best_mev']:6.1f} meV  {row['file']}")
+        if row.get("symmetry_note"):
+            typer.echo(f"       {row['symmetry_note']}")
+    if untrusted:
+        typer.secho(f"not ranked ({len(untrusted)} untrusted):", fg=typer.colors.YELLOW, err=True)
+        for row in untrusted[:10]:
+            typer.secho(f"       {row['formula']:<12} {row['energy_per_atom_ev']:9.4f} eV/atom  {row['untrusted_reason']}  {row['file']}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"report: {result.out_dir / 'report.html'}")
+
+
+def check_counts(n: int, rl_steps: int, steps: int, relax_top: int, relax_steps: int) -> None:
+    """PredictOptions.validate's checks of the counts, in its words, made here before torch is imported."""
+    for bad, msg in (
+        (n <= 0, f"-n must be a positive number of candidates, got {n}"),
+        (rl_steps < 0, f"--rl-steps must be >= 0, got {rl_steps}"),
+        (steps < 2, f"--steps must be >= 2, got {steps}"),
+        (relax_top < 1, f"--relax-top must be >= 1, got {relax_top}"),
+        (relax_steps < 0, f"--relax-steps must be >= 0, got {relax_steps}"),
+    ):
+        if bad:
+            _fail(msg)
 
 
 def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
@@ -106,11 +137,9 @@ def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
 
     Example: crystalign models --json
     """
-    from crystalign.generator import shipped_models
-
     cards = {}
-    for name, path in shipped_models().items():
-        card_path = path.with_suffix(".json")
+    for path in sorted(PRETRAINED.glob("*.pt")):  # generator.shipped_models() without importing torch
+        name, card_path = path.stem, path.with_suffix(".json")
         cards[name] = json.loads(card_path.read_text()) if card_path.exists() else {"file": str(path)}
     if as_json:
         typer.echo(json.dumps(cards, indent=2))

@@ -9,10 +9,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
+from crystalign.cli.common import check_device_name, check_model, threads_option, use_threads
 from crystalign.cli.generate import _fail, resolve_config
+
+# no torch here: see crystalign/cli/__init__.py
 
 app = typer.Typer(help="Inference-time reinforcement learning (OMatG-IRL) on a base model.", no_args_is_help=True)
 
@@ -27,6 +29,11 @@ def fit_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (overrides the config)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the named datasets of the config."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html at the end."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", show_default=False,
+        help="CPU threads of this process, 1 to the CPUs it may use (overrides the config's num_threads). Default: "
+        "$OMP_NUM_THREADS if set, else one per core that no other process keeps busy at start.",
+    ),
 ) -> None:
     """Reinforce a base model toward a reward.
 
@@ -34,24 +41,32 @@ def fit_cmd(
     Several processes or GPUs: torchrun --nproc-per-node 4 -m crystalign.cli rl fit CONFIG -b CKPT
     Presets: `crystalign config list`; every key of one: `crystalign config show rl_perov_5_velocity_cpu`.
     """
+    use_threads(threads)
+    path = resolve_config(config)
+    check_model(base_checkpoint)  # cheap checks before torch is imported
+    if device is not None:
+        check_device_name(device, "--device")
+
+    import torch
+
     from crystalign.config import ConfigError, load_config
     from crystalign.generator import Generator, resolve_model
     from crystalign.model.checkpoint import read_checkpoint_file
     from crystalign.data.splits import load_training_data
     from crystalign.rewards.base import preload
     from crystalign.rewards.mlip import MLIPLoadError
-    from crystalign.rl.loop import (
-        RLConfig, RLDivergedError, RLTrainer, check_device, check_resume, check_run_dir, coverage_summary, make_policy,
-    )
+    from crystalign.coverage import coverage_summary
+    from crystalign.rl.checkpoints import check_resume, check_run_dir
+    from crystalign.rl.config import RLConfig, check_device
+    from crystalign.rl.trainer import RLDivergedError, RLTrainer, make_policy
 
-    path = resolve_config(config)
     try:
         cfg = load_config(path, RLConfig)
     except (ConfigError, ValueError) as err:
         msg = str(err)
         _fail(msg if msg.startswith(str(path)) else f"{path}: {msg}")
     try:
-        overrides = {k: v for k, v in {"iterations": iterations, "device": device}.items() if v is not None}
+        overrides = {k: v for k, v in {"iterations": iterations, "device": device, "num_threads": threads}.items() if v is not None}
         cfg = dataclasses.replace(cfg, **overrides)  # re-runs RLConfig's checks on the overridden values
         check_device(cfg.device, "--device" if device is not None else f"{path}: device")
     except ValueError as err:
@@ -104,6 +119,7 @@ def init_distributed(device: str) -> str:
     Returns the device this rank runs on."""
     import os
 
+    import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -207,6 +223,8 @@ def write_rl_report(out: Path, trainer) -> None:
 
 def schedule_of(policy, points: int = 101) -> dict:
     """Learned s(t) and σ(t) on a grid, for plots and reports."""
+    import torch
+
     device = next(policy.parameters()).device
     t = torch.linspace(1e-3, 0.999, points, device=device)
     out: dict = {"t": t.tolist()}
@@ -235,25 +253,39 @@ def sample_cmd(
     batch_size: int = typer.Option(256, "--batch-size", help="Structures per network batch."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the named datasets (for a dataset name in --compositions-from)."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Sample the reinforced policy.
 
     Example: crystalign rl sample runs/rl_perov/best.pt --composition SrTiO3 -n 16 --out rl_samples/
     """
-    from crystalign.generator import composition_batch
-    from crystalign.io import check_output_dir, write_structure_set
-    from crystalign.rl.loop import check_device, load_policy
-    from crystalign.cli.generate import check_sample_counts, check_sample_folder, composition_coverage_warnings, report_samples
-    from crystalign.steering import SteeredModel
+    from crystalign.cli.generate import check_sample_counts, check_sample_folder, report_samples
+    from crystalign.io import check_output_dir
 
+    used_threads = use_threads(threads)
+    # cheap checks first, before torch is imported
     check_sample_counts(composition, compositions_from, n, k)
     if batch_size < 1:
         _fail(f"--batch-size must be >= 1, got {batch_size}")
+    if not checkpoint.exists():
+        _fail(f"checkpoint {checkpoint} does not exist")  # the wording of read_checkpoint_file
+    check_device_name(device, "--device")
     try:
-        dev = check_device(device, "--device")
         check_output_dir(out)
         check_sample_folder(out, resume=False)
     except (ValueError, PermissionError, FileExistsError) as err:
+        _fail(str(err))
+
+    from crystalign.coverage import composition_coverage_warnings
+    from crystalign.generator import composition_batch
+    from crystalign.io import write_structure_set
+    from crystalign.rl.checkpoints import load_policy
+    from crystalign.rl.config import check_device
+    from crystalign.steering import SteeredModel
+
+    try:
+        dev = check_device(device, "--device")
+    except ValueError as err:
         _fail(str(err))
     try:
         policy, state = load_policy(checkpoint)
@@ -275,7 +307,7 @@ def sample_cmd(
     t0 = time.time()
     batch = SteeredModel(policy.to(dev)).sample_batch(template, steps=steps, seed=seed, noise=not no_noise, batch_size=batch_size, progress=None).to("cpu")
     valid = batch.validity().valid.tolist()
-    record = {"checkpoint": str(checkpoint), "iteration": state.get("iteration"), "seed": seed, "noise": not no_noise, "steps": steps, "coverage_warnings": warns}
+    record = {"checkpoint": str(checkpoint), "iteration": state.get("iteration"), "seed": seed, "noise": not no_noise, "steps": steps, "threads": used_threads, "coverage_warnings": warns}
     write_structure_set(out, batch, record, valid=valid)
     report_samples(out, batch.num_structures, sum(valid), time.time() - t0)
 
@@ -289,9 +321,10 @@ def plot_schedule_cmd(
 
     Example: crystalign rl plot-schedule runs/rl_scale/best.pt --out schedule.png
     """
+    use_threads(None)  # before torch starts
     from crystalign.io import check_output_file
     from crystalign.report import figure_format, plot_schedule
-    from crystalign.rl.loop import load_policy
+    from crystalign.rl.checkpoints import load_policy
 
     try:
         figure_format(out)

@@ -5,6 +5,10 @@ with an HTTP Range request (a server that ignores Range sends the whole file aga
 handled). The file reaches its final path only after its sha256 matched the registry, so the final
 path never holds partial or wrong data; a ``.part`` with the wrong checksum is deleted.
 
+A host that cannot be reached at all (no network, DNS failure, connection refused or timed out) is reported at
+once, with the other way to get the file (the data root), instead of retried; only bytes actually received
+are kept for resuming, and a failed call leaves no empty folder behind.
+
 Example::
 
     paths = download("perov_5", split="val")            # {'val': ~/.cache/crystalign/perov_5/val.csv}
@@ -20,6 +24,7 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +40,10 @@ _CHUNK = 1 << 20
 
 class _Interrupted(Exception):
     """The transfer stopped early; the ``.part`` file is kept for resuming."""
+
+
+class _NoConnection(Exception):
+    """No connection to the host at all (DNS failure, refused, unreachable, timed out): retrying at once cannot help."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = _CHUNK) -> str:
@@ -101,10 +110,33 @@ def fetch(
     retry_wait: float = 2.0,
     timeout: float = 60.0,
 ) -> Path:
-    """Fetch ``url`` into ``dest`` via ``dest.part``, resuming and verifying against ``info``."""
+    """Fetch ``url`` into ``dest`` via ``dest.part``, resuming and verifying against ``info``.
+
+    An interrupted transfer is retried up to ``retries`` times; a host that cannot be reached is retried only
+    when this call has received data from it (the network was up a moment ago). A failure keeps the ``.part``
+    only when it holds bytes, and removes the folders this call created while they are empty.
+    """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
+    created = _missing_folders(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch(url, dest, part, info, force=force, progress=progress, retries=retries, retry_wait=retry_wait, timeout=timeout)
+    except BaseException:
+        if part.exists() and part.stat().st_size == 0:
+            part.unlink()
+        for folder in reversed(created):  # innermost first; a folder holding anything stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _fetch(
+    url: str, dest: Path, part: Path, info: SplitInfo, *, force: bool, progress: bool, retries: int, retry_wait: float,
+    timeout: float,
+) -> Path:
     if dest.exists() and not force:
         if sha256_file(dest) == info.sha256:
             log.info("%s already downloaded and verified", dest)
@@ -114,14 +146,24 @@ def fetch(
         part.unlink()
 
     label = f"{info.dataset}/{info.file}"
+    at_start = _size_of(part)
     attempt = 0
     while True:
         try:
             _transfer(url, part, info, label, progress, timeout)
             break
+        except _NoConnection as err:
+            have = _size_of(part)
+            if have <= at_start or attempt >= retries:
+                raise DataError(_no_connection_message(url, info, str(err), have)) from None
+            attempt += 1
+            log.warning("download of %s: %s; retrying (attempt %d/%d)", url, err, attempt, retries)
+            time.sleep(retry_wait * attempt)
         except _Interrupted as err:
-            have = part.stat().st_size if part.exists() else 0
+            have = _size_of(part)
             if attempt >= retries:
+                if not have:  # nothing to resume from
+                    raise DataError(f"download of {url} failed ({err}); nothing was received", dest) from None
                 raise DataError(
                     f"download of {url} interrupted after {have} bytes ({err}); run the same command again to resume",
                     dest,
@@ -133,6 +175,32 @@ def fetch(
     _verify(part, dest, url, info)
     os.replace(part, dest)
     return dest
+
+
+def _size_of(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``folder``, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def _no_connection_message(url: str, info: SplitInfo, reason: str, have: int) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or parts.netloc or url
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    kept = f"; the {have} bytes received so far are kept: run the same command again to resume once connected" if have else ""
+    return (
+        f"no network connection to {host} ({reason}), so {url} cannot be downloaded{kept}. To use the data without "
+        f"a network, fetch that file elsewhere and place it under the data root as ROOT/{info.dataset}/{info.file} "
+        "(ROOT: --data-root or $CRYSTALIGN_DATA_ROOT; see Data in the README), or give a reachable mirror with --base-url"
+    )
 
 
 def _transfer(url: str, part: Path, info: SplitInfo, label: str, progress: bool, timeout: float) -> None:
@@ -162,11 +230,15 @@ def _transfer(url: str, part: Path, info: SplitInfo, label: str, progress: bool,
         if 500 <= err.code < 600:
             raise _Interrupted(f"HTTP {err.code} {err.reason}") from None
         raise DataError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, socket.timeout, ConnectionError) as err:
-        reason = getattr(err, "reason", err)
+    except urllib.error.URLError as err:  # raised while connecting and sending: the host was never reached
+        reason = err.reason
         if isinstance(reason, str) and reason.startswith("unknown url type"):
             raise DataError(f"cannot download {url!r}: {reason} (give an http://, https:// or file:// address)") from None
-        raise _Interrupted(f"cannot connect: {reason}") from None
+        if urllib.parse.urlsplit(url).scheme == "file":
+            raise DataError(f"cannot read {url}: {reason}") from None
+        raise _NoConnection(_reason_text(reason)) from None
+    except (socket.timeout, ConnectionError) as err:  # connected, but the server sent no answer
+        raise _Interrupted(f"no response: {_reason_text(err)}") from None
 
     with response:
         mode = "ab"
@@ -202,6 +274,13 @@ def _transfer(url: str, part: Path, info: SplitInfo, label: str, progress: bool,
         # http.client returns a short body silently when the peer closes early
         if expected_total is not None and received < expected_total:
             raise _Interrupted(f"connection closed after {received} of {expected_total} bytes")
+
+
+def _reason_text(reason: object) -> str:
+    """``[Errno -2] Name or service not known`` as "Name or service not known"; a bare timeout as "timed out"."""
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
 
 
 def _verify(part: Path, dest: Path, url: str, info: SplitInfo) -> None:

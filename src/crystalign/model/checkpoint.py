@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +95,15 @@ def _pickles_objects(path: Path) -> bool:
         return False
 
 
-def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+def read_checkpoint_file(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", what: str = "crystalign checkpoint"
+) -> Any:
     """``torch.load(path, weights_only=True)`` with errors that say what is wrong with the file.
 
     Raises FileNotFoundError (no such file), :class:`PickledObjectsError` (the file pickles Python
-    objects, which are never unpickled) or :class:`CheckpointError` (a folder, or corrupted,
-    truncated, not a torch file).
+    objects, which are never unpickled) or :class:`CheckpointError`: "PATH is not a ``what``: ..." for a file
+    that is no torch file at all (empty, text, JSON, another archive), else a folder, or a corrupted or
+    truncated torch file.
     """
     path = Path(path)
     if path.is_dir():
@@ -108,8 +113,16 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch's legacy reader warns about a "pickle protocol" read from any stray first byte of a non-torch file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds (KeyError, RuntimeError, ...) for a bad file
+        # what torch says about a file that is not its own ("list index out of range", "Unsupported operand 123")
+        # only confuses: say what the file is instead
+        foreign = not_a_torch_file(path)
+        if foreign:
+            raise CheckpointError(f"{path} is not a {what}: {foreign}") from None
         text = str(err).strip()
         if "WeightsUnpickler error:" in text:  # keep the reason, drop torch's weights_only=False advice
             text = "unpickler: " + " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
@@ -122,6 +135,40 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
             f"{path} is corrupted, truncated or not a torch checkpoint (only tensors and plain data are loaded, "
             f"never pickled code): {first}"
         ) from None
+
+
+def not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` is plainly no torch file (empty, text, JSON, a zip archive without a pickle), or None when
+    it may be one: a zip archive holding ``data.pkl`` or a pickle stream (torch's two formats), possibly damaged."""
+    size = 4096
+    with open(path, "rb") as fh:
+        head = fh.read(size)
+    if not head:
+        return "the file is empty"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive (torch's current format is one)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None  # a torch file cut short looks just like this
+        return None if any(n.endswith("data.pkl") for n in names) else "it is a zip archive without a torch checkpoint in it"
+    if head[0] == 0x80:  # a pickle's PROTO opcode: the legacy torch format
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # a multi-byte character cut at the end of the first 4096 bytes is still text
+        text = head[: err.start].decode("utf-8") if len(head) == size and err.start >= size - 3 else None
+    if text is None or "\x00" in text:
+        return "it is not a torch checkpoint (unrecognised binary content)"
+    stripped = text.strip()
+    if not stripped:
+        return "it is a text file holding only blank space, not a torch checkpoint"
+    if stripped[0] in "{[":
+        return "it is a JSON (text) file, not a torch checkpoint"
+    line = stripped.splitlines()[0]
+    shown = line if len(line) <= 40 else line[:40] + "..."
+    return f"it is a text file, not a torch checkpoint (it begins {shown!r})"
 
 
 def omatg_hint(ckpt: Any, path: str | os.PathLike) -> str:

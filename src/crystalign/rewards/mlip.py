@@ -21,7 +21,7 @@ import threading
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -75,19 +75,30 @@ def load_error(kind: str, model: str, err: BaseException) -> MLIPLoadError:
 EVALUATION_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
 
 
-def energies_in_chunks(keys: Sequence[Any], batch_size: int, evaluate: Callable[[list[Any]], np.ndarray], name: str) -> np.ndarray:
-    """``evaluate`` on ``batch_size`` keys at a time, (len(keys),) energies. A chunk that fails is retried one key
-    at a time, so only structures that fail by themselves get NaN: one bad structure, or a batch too large for
-    the GPU's memory, never costs the others. Failures are reported in one warning."""
-    out = np.full(len(keys), np.nan)
+class ForceField(NamedTuple):
+    """One structure's energy (eV), forces ((N, 3) eV/Å) and stress ((6,) Voigt xx yy zz yz xz xy, eV/Å³, ASE's
+    sign convention), as an ASE calculator would report them."""
+
+    energy: float
+    forces: np.ndarray
+    stress: np.ndarray
+
+
+def evaluate_in_chunks(keys: Sequence[Any], batch_size: int, evaluate: Callable[[list[Any]], Sequence[Any]], name: str) -> list[Any]:
+    """``evaluate`` on ``batch_size`` keys at a time, one result per key. A chunk that fails is retried one key at a
+    time, so only structures that fail by themselves get their exception as their result: one bad structure, or a
+    batch too large for the GPU's memory, never costs the others. Failures are reported in one warning."""
+    out: list[Any] = [None] * len(keys)
     errors: list[str] = []
     for start in range(0, len(keys), batch_size):
         rows = list(range(start, min(start + batch_size, len(keys))))
         try:
-            out[rows] = evaluate([keys[r] for r in rows])
+            for r, value in zip(rows, evaluate([keys[r] for r in rows]), strict=True):
+                out[r] = value
             continue
         except EVALUATION_ERRORS as err:
             if len(rows) == 1:
+                out[rows[0]] = err
                 errors.append(f"{type(err).__name__}: {err}")
                 continue
         if torch.cuda.is_available():
@@ -96,10 +107,17 @@ def energies_in_chunks(keys: Sequence[Any], batch_size: int, evaluate: Callable[
             try:
                 out[r] = evaluate([keys[r]])[0]
             except EVALUATION_ERRORS as err:
+                out[r] = err
                 errors.append(f"{type(err).__name__}: {err}")
     if errors:
         warnings.warn(f"{name}: {len(errors)} structure(s) could not be evaluated (NaN), e.g. {errors[0][:300]}", stacklevel=3)
     return out
+
+
+def energies_in_chunks(keys: Sequence[Any], batch_size: int, evaluate: Callable[[list[Any]], np.ndarray], name: str) -> np.ndarray:
+    """:func:`evaluate_in_chunks` for energies: (len(keys),) floats, NaN where a structure could not be evaluated."""
+    values = evaluate_in_chunks(keys, batch_size, lambda chunk: list(np.asarray(evaluate(chunk), dtype=float).reshape(-1)), name)
+    return np.array([np.nan if isinstance(v, BaseException) else float(v) for v in values], dtype=float)
 
 
 def _require(module: str, backend: str, dist: str, hint: str = "") -> None:
@@ -151,6 +169,36 @@ class MLIPBackend(ABC):
     def ase_calculator(self) -> Any:
         """An ASE calculator with forces and stress (for relaxation) from the same potential."""
         raise NotImplementedError(f"{type(self).__name__} has no ASE calculator")
+
+    #: structures per call of :meth:`energy_forces_stress` (a backend with a batched path raises it)
+    relax_batch_size: int = 1
+
+    def energy_forces_stress(self, atoms_list: Sequence["Atoms"]) -> list[ForceField | Exception]:
+        """Energy, forces and stress of each structure for relaxation; the exception where the potential failed on it.
+
+        Constraints of the Atoms are ignored (the optimiser applies them). This universal path asks the backend's
+        ASE calculator one structure at a time; SevenNet and CHGNet override it with one batched forward of
+        :attr:`relax_batch_size` structures.
+        """
+        calc = self._shared_ase_calculator()
+
+        def evaluate(chunk: list["Atoms"]) -> list[ForceField]:
+            out = []
+            for atoms in chunk:
+                atoms = atoms.copy()
+                atoms.set_constraint()
+                atoms.calc = calc
+                out.append(ForceField(float(atoms.get_potential_energy()), np.array(atoms.get_forces()), np.array(atoms.get_stress())))
+            return out
+
+        return evaluate_in_chunks(list(atoms_list), 1, evaluate, f"{self.name} ({self.model})")
+
+    def _shared_ase_calculator(self) -> Any:
+        # one calculator per backend: building one reloads the weights
+        calc = getattr(self, "_relax_calc", None)
+        if calc is None:
+            calc = self._relax_calc = self.ase_calculator()
+        return calc
 
     @property
     def identity(self) -> dict[str, str]:
@@ -240,7 +288,10 @@ class SevenNetBackend(MLIPBackend):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size or (32 if self.device.type == "cuda" else 1)
+        # forces and stress: a relaxation step of all candidates is one forward (the autograd overhead is per call)
+        self.relax_batch_size = 64
         self._net: Any = None
+        self._force_net: Any = None
         self._calc: Any = None
         self._lock = threading.Lock()
 
@@ -261,43 +312,63 @@ class SevenNetBackend(MLIPBackend):
             if self.mode == "ase":
                 self._calc = self.ase_calculator()
                 return
-            with warnings.catch_warnings():
-                # sevenn/e3nn use torch.jit.script at import and build time, deprecated in recent torch
-                warnings.simplefilter("ignore", DeprecationWarning)
-                import sevenn._keys as KEY
-                import sevenn.atom_graph_data  # noqa: F401  (pulls in torch_geometric)
-                from sevenn.util import load_checkpoint
+            self._net = self._build_net(forces=False)
 
-                try:
-                    cp = load_checkpoint(self.model)
-                    net = cp.build_model()
-                except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside torch.load
-                    raise load_error("SevenNet", self.model, err) from err
-            # energy only: forces/stress come from autograd through this module, the costly part
-            net.delete_module_by_key("force_output")
-            net.key_grad = None
-            if net.modal_map:
-                if self.modal not in net.modal_map:
-                    raise ValueError(
-                        f"SevenNet model {self.model!r} needs modal= one of {sorted(net.modal_map)} (--modal on the command line), got {self.modal!r} "
-                        "(if it came from a hull file, the file predates crystalign recording the modal: rebuild it)"
-                    )
-                net.prepare_modal_deploy(self.modal)
-            elif self.modal is not None:  # recorded in hulls and summaries: it must not claim a fidelity it did not use
-                raise ValueError(f"modal={self.modal!r} given, but SevenNet model {self.model!r} has no modals; leave --modal out")
-            net.set_is_batch_data(self.batch_size > 1)
-            if self.dtype != torch.float32:
-                # the one-hot embedding hard-codes float32; cast its output so the rest can run in float64
-                dtype = self.dtype
+    def _build_net(self, forces: bool) -> Any:
+        """The model in eval mode: with forces and stress over batched graphs (``forces=True``: the loaded model
+        itself), or energy only (a copy without the force/stress module, the costly autograd part; batched only when
+        :attr:`batch_size` > 1). Copying the loaded model costs a fraction of building a second one."""
+        import copy
 
-                def _cast(_module, _inputs, data):
-                    data[KEY.NODE_FEATURE] = data[KEY.NODE_FEATURE].to(dtype)
-                    return data
+        net = self._loaded_model()
+        if forces:
+            net.set_is_batch_data(True)
+            return net
+        net = copy.deepcopy(net)
+        net.delete_module_by_key("force_output")
+        net.key_grad = None
+        net.set_is_batch_data(self.batch_size > 1)
+        return net
 
-                net._modules["onehot_idx_to_onehot"].register_forward_hook(_cast)
-            self._cutoff = float(cp.config[KEY.CUTOFF])
-            self._known_z = set(int(z) for z in cp.config[KEY.TYPE_MAP])
-            self._net = net.to(device=self.device, dtype=self.dtype).eval()
+    @_keeps_global_rng
+    def _loaded_model(self) -> Any:
+        """The checkpoint's model with its force/stress module, built once (TorchScript compiles e3nn's kernels)."""
+        if getattr(self, "_model", None) is not None:
+            return self._model
+        with warnings.catch_warnings():
+            # sevenn/e3nn use torch.jit.script at import and build time, deprecated in recent torch
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import sevenn._keys as KEY
+            import sevenn.atom_graph_data  # noqa: F401  (pulls in torch_geometric)
+            from sevenn.util import load_checkpoint
+
+            try:
+                cp = load_checkpoint(self.model)
+                net = cp.build_model()
+            except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside torch.load
+                raise load_error("SevenNet", self.model, err) from err
+        if net.modal_map:
+            if self.modal not in net.modal_map:
+                raise ValueError(
+                    f"SevenNet model {self.model!r} needs modal= one of {sorted(net.modal_map)} (--modal on the command line), got {self.modal!r} "
+                    "(if it came from a hull file, the file predates crystalign recording the modal: rebuild it)"
+                )
+            net.prepare_modal_deploy(self.modal)
+        elif self.modal is not None:  # recorded in hulls and summaries: it must not claim a fidelity it did not use
+            raise ValueError(f"modal={self.modal!r} given, but SevenNet model {self.model!r} has no modals; leave --modal out")
+        if self.dtype != torch.float32:
+            # the one-hot embedding hard-codes float32; cast its output so the rest can run in float64
+            dtype = self.dtype
+
+            def _cast(_module, _inputs, data):
+                data[KEY.NODE_FEATURE] = data[KEY.NODE_FEATURE].to(dtype)
+                return data
+
+            net._modules["onehot_idx_to_onehot"].register_forward_hook(_cast)
+        self._cutoff = float(cp.config[KEY.CUTOFF])
+        self._known_z = set(int(z) for z in cp.config[KEY.TYPE_MAP])
+        self._model = net.to(device=self.device, dtype=self.dtype).eval()
+        return self._model
 
     def load(self) -> "MLIPBackend":
         self._load()
@@ -365,6 +436,33 @@ class SevenNetBackend(MLIPBackend):
         todo = [i for i, a in enumerate(atoms_list) if set(a.numbers.tolist()) <= self._known_z]
         out[todo] = energies_in_chunks(todo, self.batch_size, evaluate, f"SevenNet ({self.model})")
         return out
+
+
+    def energy_forces_stress(self, atoms_list: Sequence["Atoms"]) -> list[ForceField | Exception]:
+        """One forward with forces and stress (autograd) over :attr:`relax_batch_size` graphs at a time."""
+        if self.mode == "ase":
+            return super().energy_forces_stress(atoms_list)
+        self._load()
+        with self._lock:
+            if getattr(self, "_force_net", None) is None:
+                self._force_net = self._build_net(forces=True)
+        import sevenn._keys as KEY
+        from torch_geometric.loader.dataloader import Collater
+
+        def evaluate(chunk: list["Atoms"]) -> list[ForceField]:
+            if any(not set(a.numbers.tolist()) <= self._known_z for a in chunk):
+                raise ValueError("an element of the structure is not in the model's element table")
+            data = Collater([], follow_batch=None, exclude_keys=None)([self._graph(a) for a in chunk]).to(self.device)
+            with torch.enable_grad():  # forces are gradients, also when the caller runs under no_grad
+                out = self._force_net(data)
+            energy = out[KEY.PRED_TOTAL_ENERGY].detach().double().cpu().numpy().reshape(-1)
+            forces = out[KEY.PRED_FORCE].detach().double().cpu().numpy()
+            # SevenNet's virial order xx yy zz xy yz zx, sign of a pressure; ASE's Voigt order xx yy zz yz xz xy
+            stress = -out[KEY.PRED_STRESS].detach().double().cpu().numpy().reshape(len(chunk), 6)[:, [0, 1, 2, 4, 5, 3]]
+            ends = np.cumsum([len(a) for a in chunk])
+            return [ForceField(float(e), f, st) for e, f, st in zip(energy, np.split(forces, ends[:-1]), stress)]
+
+        return evaluate_in_chunks(list(atoms_list), self.relax_batch_size, evaluate, f"SevenNet ({self.model})")
 
 
 class CHGNetBackend(MLIPBackend):
@@ -447,6 +545,32 @@ class CHGNetBackend(MLIPBackend):
             e_per_atom = np.array([float(p["e"]) for p in preds])
             out[idx] = e_per_atom * np.array([len(atoms_list[i]) for i in idx])
         return out
+
+
+    #: CHGNet predicts a whole batch of graphs per call
+    relax_batch_size = 64
+
+    def energy_forces_stress(self, atoms_list: Sequence["Atoms"]) -> list[ForceField | Exception]:
+        """CHGNet's batched energy, force and stress prediction, converted as its ASE calculator does."""
+        from ase import units
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        net = self._load()
+
+        def evaluate(chunk: list["Atoms"]) -> list[ForceField]:
+            if any(int(a.numbers.max(initial=0)) > self.MAX_Z for a in chunk):
+                raise ValueError(f"CHGNet covers elements up to Z = {self.MAX_Z}")
+            graphs = [net.graph_converter(AseAtomsAdaptor.get_structure(a)) for a in chunk]
+            preds = net.predict_graph(graphs, task="efs", batch_size=len(graphs))
+            preds = [preds] if isinstance(preds, dict) else preds
+            out = []
+            for atoms, pred in zip(chunk, preds):
+                s3 = np.asarray(pred["s"], dtype=float) * units.GPa
+                voigt = np.array([s3[0, 0], s3[1, 1], s3[2, 2], s3[1, 2], s3[0, 2], s3[0, 1]])
+                out.append(ForceField(float(pred["e"]) * len(atoms), np.asarray(pred["f"], dtype=float), voigt))
+            return out
+
+        return evaluate_in_chunks(list(atoms_list), self.relax_batch_size, evaluate, f"CHGNet ({self.model})")
 
 
 class MACEBackend(ASECalculatorBackend):
