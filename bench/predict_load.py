@@ -141,7 +141,7 @@ def main() -> None:
     for item in args.env:
         key, _, value = item.partition("=")
         env[key] = value
-    thread_env = {k: env.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    thread_env = {k: env.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     threads = command[command.index("--threads") + 1] if "--threads" in command[:-1] else "default"
     info = machine()
     print(f"{shlex.join(command)}  (threads {threads}, env {thread_env}, {info['usable_cpus']} usable CPUs, load {info['loadavg_before']})")

@@ -440,6 +440,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         "options": {**{k: v for k, v in asdict(opts).items() if k not in ("composition", "resume")}, "out": str(out)},
         "versions": versions(),
         "command": " ".join(sys.argv) if sys.argv else "",
+        "threads": torch.get_num_threads(),
     }
 
     seconds: dict[str, float] = {"start": time.time() - t_start}  # where the run's time goes, per stage

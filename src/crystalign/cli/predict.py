@@ -48,7 +48,7 @@ def predict_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
-    threads: Optional[int] = threads_option(),
+    threads: Optional[int] = threads_option(default_text="1 (small batches: see README)"),
 ) -> None:
     """Predict likely low-energy crystal structures of a composition; writes CIFs and report.html.
 
@@ -59,7 +59,7 @@ def predict_cmd(
       crystalign predict C --model carbon_24 -z auto -n 16     # cells of 6 to 24 carbon atoms
       crystalign predict BaTiO3 --backend mace --mlip-model mace-mpa-0-medium.model   # a local MACE file
     """
-    use_threads(threads)
+    use_threads(threads, small_batches=True)
     # cheap checks first: they answer before torch and the potential are imported (predict checks the rest)
     if reward != "energy":
         _fail(f"--reward {reward!r}: predict ranks by MLIP energy; use `crystalign rl fit` with a config for other rewards")
