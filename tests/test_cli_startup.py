@@ -190,25 +190,21 @@ def test_the_users_environment_wins_over_the_default_and_an_explicit_count_over_
         assert got["n"] == 2 and got["torch"] == 2 and got["OMP_NUM_THREADS"] == "2"
 
 
-def test_the_default_is_one_thread_per_free_core(monkeypatch):
-    monkeypatch.setattr(settings, "_DEFAULT", [])
-    monkeypatch.setattr(settings, "usable_cpus", lambda: 4)
-    monkeypatch.setattr(settings, "physical_cores", lambda cpus=None: 4)
-    monkeypatch.setattr(settings, "cpu_quota", lambda: None)
-    monkeypatch.setattr(settings, "busy_cpus", lambda interval=0.05: 0.1)
-    assert settings.default_threads() == 4
-    monkeypatch.setattr(settings, "_DEFAULT", [])
-    monkeypatch.setattr(settings, "busy_cpus", lambda interval=0.05: 1.0)  # one other busy process
-    assert settings.default_threads() == 3
-    monkeypatch.setattr(settings, "_DEFAULT", [])
-    monkeypatch.setattr(settings, "busy_cpus", lambda interval=0.05: 6.0)  # more than all: still one thread
-    assert settings.default_threads() == 1
-    monkeypatch.setattr(settings, "_DEFAULT", [])
-    monkeypatch.setattr(settings, "busy_cpus", lambda interval=0.05: None)  # no /proc/stat: every core
-    assert settings.default_threads() == 4
-    monkeypatch.setattr(settings, "_DEFAULT", [])
-    monkeypatch.setattr(settings, "cpu_quota", lambda: 1.5)  # a container limited to 1.5 CPUs of the 4
-    assert settings.default_threads() == 2
+def test_the_default_is_one_thread_per_free_core_less_a_spare_one(monkeypatch):
+    def default(busy, cpus=4, quota=None):
+        monkeypatch.setattr(settings, "_DEFAULT", [])
+        monkeypatch.setattr(settings, "usable_cpus", lambda: cpus)
+        monkeypatch.setattr(settings, "physical_cores", lambda cpus_=None: cpus)
+        monkeypatch.setattr(settings, "cpu_quota", lambda: quota)
+        monkeypatch.setattr(settings, "busy_cpus", lambda interval=0.05: busy)
+        return settings.default_threads()
+
+    assert default(0.1) == 3  # a quiet machine: one core stays for a busy process that may come
+    assert default(1.0) == 2  # one other busy process
+    assert default(6.0) == 1  # more than all: still one thread
+    assert default(None) == 3  # no /proc/stat: every core but one
+    assert default(0.0, quota=2.5) == 2  # a container limited to 2.5 CPUs of the 4
+    assert default(0.0, cpus=2) == 1 and default(0.0, cpus=1) == 1
 
 
 @pytest.mark.parametrize("bad", [0, -1, 10_000, 1.5, True])

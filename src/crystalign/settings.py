@@ -58,7 +58,8 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 << 
 
 #: the thread-count variables of the OpenMP runtime (PyTorch's CPU kernels), MKL and OpenBLAS (numpy)
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-#: how long an idle GNU OpenMP thread spins before it sleeps (~100 spins per microsecond). Measured on 2 cores,
+#: how long an idle GNU OpenMP thread spins before it sleeps (~100 spins per microsecond), where a process runs 2
+#: threads or more (the default on 3 cores or more, or --threads). Measured on 2 cores,
 #: sampling 256 perov_5 structures with 2 threads: 1000 spins is as fast as libgomp's default (300000) on a quiet
 #: machine, where PASSIVE alone (0 spins) is 1.5x slower; beside one busy process it is 2x slower than quiet, where
 #: 10000 spins or more were 3.5-8x slower and the default 4x (up to 20x)
@@ -138,14 +139,14 @@ def busy_cpus(interval: float = 0.05) -> float | None:
 
 def default_threads() -> int:
     """The thread count the ``crystalign`` command uses without ``--threads`` or $OMP_NUM_THREADS: one per physical
-    core that no other process keeps busy at start (at least 1; at most the cgroup's CPU quota). Measured once per
-    process (~50 ms).
+    core that no other process keeps busy at start, less one core kept spare, at least 1 (at most the cgroup's CPU
+    quota). Measured once per process (~50 ms); on 2 cores it is always 1.
 
     Why: a compute thread that shares its core with another busy process is descheduled for whole time slices
-    while its siblings wait for it at every parallel region. On 2 cores, sampling 256 structures took 1.4 s quiet
-    with 2 threads (2.2 s with 1), and beside one busy process 2.4 s with 1 thread but 2.6-3.1 s with 2 sleeping
-    or briefly spinning threads and 4.5-6 s with libgomp's default. (Sampled structures were bit-identical at 1
-    and 2 threads.)
+    while its siblings wait for it at every parallel region, and a busy process may start after this one did. The
+    spare core takes it. Measured on 2 cores (whole commands, quiet -> beside one busy process): `crystalign predict` took 88 -> 82 s with 1 thread but 100 -> 348 s with 2 (PASSIVE, short spin);
+    `sample -n 256` 6.7 -> 6.0 s with 1 thread, 5.7 -> 7.5 s with 2. (Sampled structures were bit-identical at
+    1 and 2 threads.)
     """
     if not _DEFAULT:
         cores = physical_cores()
@@ -154,7 +155,7 @@ def default_threads() -> int:
             cores = min(cores, max(1, math.ceil(quota)))
         busy = busy_cpus()
         free = usable_cpus() - busy if busy is not None else cores
-        _DEFAULT.append(max(1, min(cores, int(free + 0.5))))
+        _DEFAULT.append(max(1, min(cores, int(free + 0.5)) - 1))
     return _DEFAULT[0]
 
 
@@ -162,7 +163,7 @@ def configure_threads(n: int | None = None) -> int:
     """Choose the CPU threads of PyTorch, MKL and OpenBLAS, and make idle OpenMP threads sleep; returns the count.
 
     ``n``: threads per process, 1 to the usable CPUs (ValueError otherwise); None keeps $OMP_NUM_THREADS when you
-    set it, else :func:`default_threads` (one per physical core not kept busy by another process). An explicit
+    set it, else :func:`default_threads` (one per physical core not kept busy by another process, less a spare one). An explicit
     ``n`` overrides the environment, as command-line options do.
 
     Unless you set $OMP_WAIT_POLICY or $GOMP_SPINCOUNT, sets $OMP_WAIT_POLICY=PASSIVE and $GOMP_SPINCOUNT to

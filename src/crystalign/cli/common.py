@@ -65,7 +65,7 @@ def usage_message(err) -> str:
 
 THREADS_HELP = (
     "CPU threads of this process, 1 to the CPUs it may use. Default: $OMP_NUM_THREADS if set, else one per core "
-    "that no other process keeps busy at start."
+    "that no other process keeps busy at start, less one spare (so 1 on 2 cores)."
 )
 
 

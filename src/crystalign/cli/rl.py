@@ -32,7 +32,7 @@ def fit_cmd(
     threads: Optional[int] = typer.Option(
         None, "--threads", show_default=False,
         help="CPU threads of this process, 1 to the CPUs it may use (overrides the config's num_threads). Default: "
-        "$OMP_NUM_THREADS if set, else one per core that no other process keeps busy at start.",
+        "$OMP_NUM_THREADS if set, else one per core that no other process keeps busy at start, less one spare.",
     ),
 ) -> None:
     """Reinforce a base model toward a reward.
