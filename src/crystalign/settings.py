@@ -163,13 +163,13 @@ def configure_threads(n: int | None = None) -> int:
     """Choose the CPU threads of PyTorch, MKL and OpenBLAS, and make idle OpenMP threads sleep; returns the count.
 
     ``n``: threads per process, 1 to the usable CPUs (ValueError otherwise); None keeps $OMP_NUM_THREADS when you
-    set it, else :func:`default_threads` (one per physical core not kept busy by another process, less a spare one). An explicit
-    ``n`` overrides the environment, as command-line options do.
+    set it, else :func:`default_threads` (one per physical core not kept busy by another process, less a spare
+    one). An explicit ``n`` overrides the environment, as command-line options do.
 
     Unless you set $OMP_WAIT_POLICY or $GOMP_SPINCOUNT, sets $OMP_WAIT_POLICY=PASSIVE and $GOMP_SPINCOUNT to
     :data:`SPIN_COUNT`: by default idle OpenMP threads spin for milliseconds, which on a machine with few cores
-    steals the CPU from any other busy process, and from each other (`crystalign sample` beside one busy process
-    ran 4-20x slower than quiet); with a short spin, then sleep, it stays within 2x. Sets $OMP_NUM_THREADS,
+    steals the CPU from any other busy process, and from each other (2-thread `crystalign sample` beside one busy
+    process ran 4x slower than quiet, up to 20x); with a short spin, then sleep, it stays within 2x. Sets $OMP_NUM_THREADS,
     $MKL_NUM_THREADS and $OPENBLAS_NUM_THREADS to the count (each unless you set it, or ``n`` is given), and calls
     ``torch.set_num_threads`` if torch is already imported.
 
