@@ -87,9 +87,11 @@ def use_threads(threads: Optional[int], small_batches: bool = False) -> int:
     """
     import os
 
-    from crystalign.settings import configure_threads
+    from crystalign import settings
 
-    if threads is None and small_batches and not os.environ.get("OMP_NUM_THREADS"):
+    configure_threads = settings.configure_threads
+    users = os.environ.get("OMP_NUM_THREADS") and os.environ["OMP_NUM_THREADS"] != settings._SET_HERE.get("OMP_NUM_THREADS")
+    if threads is None and small_batches and not users:  # a value configure_threads wrote earlier is not the user's
         threads = 1
     try:
         return configure_threads(threads)
