@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -51,7 +51,6 @@ class _Relaxation:
     error: str = ""
     fmax: float = math.nan
     energy: float = math.nan
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def relax_batch(
