@@ -178,6 +178,12 @@ def test_crmse_reference_wrong_composition_and_invalid(perovskites):
         torch.testing.assert_close(parallel(batch).rewards, out.rewards)
     finally:
         parallel.close()
+    # a match bonus adds scale * bonus to matched structures only, so a loose match outranks any miss
+    bonus = CRMSEReward(refs, scale=2.0, match_bonus=0.5)(batch).rewards.numpy()
+    np.testing.assert_allclose(bonus - r, 2.0 * 0.5 * out.info["matched"].numpy(), atol=1e-6)
+    for bad in (-0.1, float("nan"), "1"):
+        with pytest.raises(ValueError, match="match_bonus"):
+            CRMSEReward(refs, match_bonus=bad)
 
 
 # ---------------------------------------------------------------------------------------------- symmetry

@@ -30,6 +30,8 @@ from crystalign.sampling import Sampler, SamplerConfig
 if TYPE_CHECKING:  # pragma: no cover
     from pymatgen.core import Composition
 
+    from crystalign.schedule import VelocitySchedule
+
 
 CHECKPOINT_FORMAT = "crystalign-generator"
 CHECKPOINT_VERSION = 1
@@ -66,6 +68,8 @@ class Generator(torch.nn.Module):
         self.base = base
         #: training coverage: elements and atom counts seen (for out-of-coverage warnings)
         self.coverage = coverage or {}
+        #: learned velocity-annealing schedule used by default when sampling (None: plain integration)
+        self.schedule: VelocitySchedule | None = None
         self._freeze_unused_heads()
 
     def _freeze_unused_heads(self) -> None:
@@ -87,10 +91,33 @@ class Generator(torch.nn.Module):
         p = next(self.net.parameters())
         return self.base.sample(species.to(p.device), n_atoms.to(p.device), generator=generator, dtype=p.dtype, device=p.device)
 
-    def sampler(self, **overrides) -> Sampler:
+    def sampler(self, schedule: "VelocitySchedule | str | Path | bool | None" = None, **overrides) -> Sampler:
+        """A sampler with this model's defaults, ``overrides`` (None = default) and velocity schedule.
+
+        ``schedule``: None or True = the model's own (if it carries one), False = none, a path = the s(t) of a
+        velocity-annealing RL checkpoint (learned for this model), or a :class:`VelocitySchedule`. With a
+        schedule, the default step count is the one it was learned for.
+        """
+        sched = self.resolve_schedule(schedule)
         cfg = to_dict(self.config.sampling)
+        if sched is not None:
+            cfg["steps"] = sched.steps
         cfg.update({k: v for k, v in overrides.items() if v is not None})
-        return Sampler(self.net, self.interpolants, SamplerConfig(**cfg))
+        return Sampler(self.net, self.interpolants, SamplerConfig(**cfg), schedule=sched)
+
+    def resolve_schedule(self, schedule: "VelocitySchedule | str | Path | bool | None" = None) -> "VelocitySchedule | None":
+        """The velocity schedule a ``schedule`` argument of :meth:`sampler` stands for (checked for this model)."""
+        from crystalign.schedule import VelocitySchedule
+
+        if schedule is None or schedule is True:
+            return self.schedule
+        if schedule is False:
+            return None
+        if isinstance(schedule, VelocitySchedule):
+            return schedule.checked_for(self)
+        if isinstance(schedule, (str, Path)):
+            return VelocitySchedule.from_rl_checkpoint(schedule).checked_for(self, where=str(schedule))
+        raise TypeError(f"schedule must be None, True, False, a path or a VelocitySchedule, got {type(schedule).__name__}")
 
     @torch.no_grad()
     def sample(self, template: CrystalBatch, seed: int | None = None, generator: torch.Generator | None = None, **sampler_overrides) -> CrystalBatch:
@@ -128,6 +155,7 @@ class Generator(torch.nn.Module):
             "base": self.base.to_config(),
             "coverage": self.coverage,
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            **({"schedule": self.schedule.to_dict()} if self.schedule is not None else {}),
             **(extra or {}),
         }
 
@@ -149,6 +177,10 @@ class Generator(torch.nn.Module):
         missing, unexpected = gen.net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{where}: network weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        if ckpt.get("schedule") is not None:
+            from crystalign.schedule import VelocitySchedule
+
+            gen.schedule = VelocitySchedule.from_dict(ckpt["schedule"], where=f"{where}:schedule").checked_for(gen, where=f"{where}:schedule")
         gen.eval()
         return gen
 

@@ -49,6 +49,10 @@ class RLStoppedWarning(PredictWarning):
     """Inference-time RL stopped early (its guard tripped); the answer comes from the base model alone."""
 
 
+#: time points of per-query RL's rollouts when --steps is not given (the velocity policy integrates the plain field)
+RL_STEPS = 50
+
+
 @dataclass
 class PredictOptions:
     composition: str = DEFAULT_COMPOSITION
@@ -64,7 +68,10 @@ class PredictOptions:
     rl_groups: int = 4
     rl_lr: float = 3e-4
     rl_noise: float = 0.1668100537
-    steps: int = 50
+    #: integration time points of the base sampler (None: the model's default, its learned schedule's if it has one)
+    steps: int | None = None
+    #: integrate the base candidates with the model's learned velocity schedule, if it carries one
+    schedule: bool = True
     relax: bool = True
     relax_steps: int = 100
     relax_top: int = 16
@@ -99,7 +106,7 @@ class PredictOptions:
             raise ValueError(f"-n must be a positive number of candidates, got {self.n}")
         if self.rl_steps < 0:
             raise ValueError(f"--rl-steps must be >= 0, got {self.rl_steps}")
-        if self.steps < 2:
+        if self.steps is not None and self.steps < 2:
             raise ValueError(f"--steps must be >= 2, got {self.steps}")
         if self.relax_top < 1:
             raise ValueError(f"--relax-top must be >= 1, got {self.relax_top}")
@@ -118,7 +125,7 @@ class PredictOptions:
         """The RLConfig options of predict's inference-time RL (velocity RL of positions toward low energy)."""
         noise = {"kind": "sqrt", "a": self.rl_noise}
         return dict(
-            variant=self.rl_variant, fields=["pos"], steps=self.steps, noise={"pos": noise, "cell": dict(noise)},
+            variant=self.rl_variant, fields=["pos"], steps=self.steps or RL_STEPS, noise={"pos": noise, "cell": dict(noise)},
             group_size=self.rl_group_size, num_groups=self.rl_groups, ppo_epochs=1, lr=self.rl_lr,
             costs={"pos_policy": 1.0, "pos_regularization": 1e-3}, duplicate_check=False,
         )
@@ -423,6 +430,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         warnings.warn(w, CoverageWarning, stacklevel=2)
     reward = EnergyReward(backend)
     template = composition_batch(cells, opts.n, max_atoms=gen.config.max_atoms)
+    base_sampler = gen.sampler(steps=opts.steps, schedule=opts.schedule)
     summary: dict[str, Any] = {
         "composition": opts.composition,
         "formula": formula,
@@ -433,7 +441,8 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         "mlip": dict(backend.identity),
         "seed": opts.seed,
         "n": opts.n,
-        "steps": opts.steps,
+        "steps": base_sampler.config.steps,
+        "schedule": base_sampler.schedule.record() if base_sampler.schedule is not None else None,
         "rl_steps": opts.rl_steps,
         "relax": opts.relax,
         "coverage_warnings": warns,
@@ -448,7 +457,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     # 1. base model samples
     base_path = out / "base.extxyz"
     if not stages.done("base"):
-        base = gen.sample(template.to(dtype=torch.float32), seed=opts.seed, steps=opts.steps)
+        base = gen.sample(template.to(dtype=torch.float32), seed=opts.seed, steps=base_sampler.config.steps, schedule=opts.schedule)
         _write_extxyz(base_path, base)
         stages.mark("base")
     base = _read_extxyz(base_path)
@@ -479,7 +488,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             steered = SteeredModel.load(out / "rl" / "last.pt").to(opts.device)
             # the mean path of the reinforced policy: exploration noise only costs energy at sampling time
             rl_batch = steered.sample_batch(
-                template, steps=opts.steps, seed=opts.seed + 1, noise=False, batch_size=template.num_structures, progress=False
+                template, steps=opts.steps or RL_STEPS, seed=opts.seed + 1, noise=False, batch_size=template.num_structures, progress=False
             ).to("cpu")
             _write_extxyz(rl_path, rl_batch)
             stages.mark("rl_samples")

@@ -1,5 +1,8 @@
 """Integrators for the learned fields: ODE Euler / Heun, SDE Euler–Maruyama, velocity annealing.
 
+The velocity is scaled either by a constant annealing factor, (1 + s·t)·b, or by a learned schedule
+(:class:`~crystalign.schedule.VelocitySchedule`), [1 + s(t)]·b; never both.
+
 One network call per step returns every field (pos and cell), unlike the reference which calls the
 network once per field on identical inputs. Edges are built once per batch and reused across steps.
 
@@ -15,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
@@ -24,6 +27,9 @@ from crystalign.geometry import wrap
 from crystalign.interpolants import FIELDS, time_grid
 from crystalign.model.cspnet import build_edges
 from crystalign.ops import randn_on
+
+if TYPE_CHECKING:  # pragma: no cover
+    from crystalign.schedule import VelocitySchedule
 
 
 @dataclass
@@ -65,11 +71,11 @@ def drift(
     field: str,
     t: float,
     interpolant,
-    anneal: float = 0.0,
+    multiplier: float = 1.0,
     stochastic: bool = False,
 ) -> torch.Tensor:
-    """Drift of one field: (1 + s·t)·b, minus (ε/γ)·η for the SDE of a field with a denoiser."""
-    b = out[f"{field}_b"] * (1.0 + anneal * t) if anneal else out[f"{field}_b"]
+    """Drift of one field: m·b (m: the annealing multiplier at t), minus (ε/γ)·η for the SDE of a field with a denoiser."""
+    b = out[f"{field}_b"] * multiplier if multiplier != 1.0 else out[f"{field}_b"]
     if stochastic and interpolant.uses_denoiser:
         tt = torch.tensor(t, dtype=b.dtype)
         b = b - (interpolant.epsilon(tt) / interpolant.gamma(tt)).item() * out[f"{field}_eta"]
@@ -79,10 +85,17 @@ def drift(
 class Sampler:
     """Integrate x0 (base distribution sample) to t ≈ 1 with the learned velocity (and denoiser)."""
 
-    def __init__(self, net: torch.nn.Module, interpolants, config: SamplerConfig | None = None):
+    def __init__(self, net: torch.nn.Module, interpolants, config: SamplerConfig | None = None, schedule: "VelocitySchedule | None" = None):
         self.net = net
         self.interpolants = interpolants
         self.config = config or SamplerConfig()
+        #: learned velocity multipliers 1 + s(t); replaces constant annealing
+        self.schedule = schedule
+        if schedule is not None and (self.config.anneal_pos or self.config.anneal_cell):
+            raise ValueError(
+                "a learned velocity schedule and constant annealing (--anneal-pos/--anneal-cell) both scale the "
+                "velocity: drop the annealing, or turn the schedule off (--no-schedule)"
+            )
         if self.config.method == "sde" and not any(interpolants[f].uses_denoiser for f in FIELDS):
             # without a denoiser there is no SDE to integrate: 'sde' would silently be Euler
             raise ValueError(
@@ -90,8 +103,12 @@ class Sampler:
                 "gamma); this model learned an ODE: use 'euler' or 'heun'"
             )
 
-    def _anneal(self, field: str) -> float:
-        return self.config.anneal_pos if field == "pos" else self.config.anneal_cell
+    def multipliers(self, ts: list[float]) -> dict[str, list[float]]:
+        """Velocity multiplier per field at each time point: 1 + s(t) (schedule) or 1 + s·t (constant annealing)."""
+        if self.schedule is not None:
+            return self.schedule.multipliers(ts)
+        anneal = {"pos": self.config.anneal_pos, "cell": self.config.anneal_cell}
+        return {f: [1.0 + anneal[f] * t for t in ts] for f in FIELDS}
 
     @torch.no_grad()
     def sample(
@@ -108,14 +125,15 @@ class Sampler:
         state = {"pos": wrap(x0.frac), "cell": x0.lattice.clone()}
         traj = [x0.replace(frac=state["pos"].clone(), lattice=state["cell"].clone())] if trajectory else []
         stochastic = cfg.method == "sde"
+        mult = self.multipliers(ts)
         for k in range(len(ts) - 1):
             t, dt = ts[k], ts[k + 1] - ts[k]
             out = fnet(t, state["pos"], state["cell"])
-            drifts = {f: drift(out, f, t, self.interpolants[f], self._anneal(f), stochastic) for f in FIELDS}
+            drifts = {f: drift(out, f, t, self.interpolants[f], mult[f][k], stochastic) for f in FIELDS}
             if cfg.method == "heun":
                 pred = {f: state[f] + drifts[f] * dt for f in FIELDS}
                 out2 = fnet(ts[k + 1], pred["pos"], pred["cell"])
-                d2 = {f: drift(out2, f, ts[k + 1], self.interpolants[f], self._anneal(f)) for f in FIELDS}
+                d2 = {f: drift(out2, f, ts[k + 1], self.interpolants[f], mult[f][k + 1]) for f in FIELDS}
                 new = {f: state[f] + 0.5 * (drifts[f] + d2[f]) * dt for f in FIELDS}
             else:
                 new = {f: state[f] + drifts[f] * dt for f in FIELDS}

@@ -100,6 +100,10 @@ def sample_cmd(
     method: Optional[str] = typer.Option(None, "--method", help="euler, heun or sde."),
     anneal_pos: Optional[float] = typer.Option(None, "--anneal-pos", help="Velocity annealing s for positions: (1 + s t) b."),
     anneal_cell: Optional[float] = typer.Option(None, "--anneal-cell", help="Velocity annealing s for the lattice."),
+    schedule: Optional[Path] = typer.Option(
+        None, "--schedule", help="Learned velocity schedule s(t): an RL checkpoint of variant scale for this model (default: the model's own, if it carries one)."
+    ),
+    no_schedule: bool = typer.Option(False, "--no-schedule", help="Integrate without the model's learned velocity schedule."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Structures per network batch."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
@@ -124,6 +128,12 @@ def sample_cmd(
     check_model(model)
     check_device_name(device, "--device")
     check_output_parent(out)  # creates nothing: a query refused below leaves no empty folder
+    if schedule is not None and no_schedule:
+        _fail("give either --schedule or --no-schedule")
+    if steps is not None and steps < 2:
+        _fail(f"--steps must be >= 2 time points, got {steps}")
+    if schedule is not None and not schedule.exists():
+        _fail(f"--schedule: {schedule} does not exist")
 
     from crystalign.coverage import composition_coverage_warnings
     from crystalign.generator import Generator, composition_batch
@@ -144,7 +154,10 @@ def sample_cmd(
             ref_batch = ref.batch if hasattr(ref, "batch") else ref
             template = ref_batch.repeat_interleave(k)
             template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
-        overrides = dict(steps=steps, method=method, anneal_pos=anneal_pos, anneal_cell=anneal_cell)
+        overrides = dict(
+            steps=steps, method=method, anneal_pos=anneal_pos, anneal_cell=anneal_cell,
+            schedule=False if no_schedule else (str(schedule) if schedule is not None else None),
+        )
         gen.sampler(**overrides)  # checks the settings against this model (e.g. 'sde' needs a denoiser)
     except ValueError as err:
         _fail(str(err))
@@ -242,7 +255,9 @@ def run_sampling(
     t0 = time.time()
     p = next(gen.net.parameters())
     template = template.to(p.device, dtype=p.dtype)
-    sampler_cfg = {**vars(gen.config.sampling), **{k: v for k, v in overrides.items() if v is not None}}
+    sampler = gen.sampler(**overrides)
+    # what was integrated: the model's defaults, the overrides, and the velocity schedule (None: none)
+    sampler_cfg = {**vars(sampler.config), "schedule": sampler.schedule.record() if sampler.schedule is not None else None}
     layout = hashlib.sha256(repr((template.species.tolist(), template.n_atoms.tolist(), template.ids)).encode()).hexdigest()
     run = {"model_hash": gen.model_hash(), "seed": seed, "sampler": sampler_cfg, "batch_size": batch_size,
            "trajectory": trajectory, "dtype": str(p.dtype), "compositions_sha256": layout}
@@ -259,7 +274,6 @@ def run_sampling(
     g = torch.Generator().manual_seed(seed)  # CPU draws, moved to the device: a seed means the same on any device
     parts, frames = [], []
     chunks = list(template.split(batch_size))
-    sampler = gen.sampler(**overrides)
     n_steps = sampler.config.steps - 1
     bar = tqdm(total=len(chunks) * n_steps, desc="sampling", unit="step", disable=None)  # integration steps of all batches
     for i, part in enumerate(chunks):

@@ -43,7 +43,8 @@ def predict_cmd(
         "model's training range.",
     ),
     force: bool = typer.Option(False, "--force", help="Sample even a composition the model cannot cover (an element it never saw, no cell size in its range)."),
-    steps: int = typer.Option(50, "--steps", help="Integration time points."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Integration time points (default: the model's, that of its learned velocity schedule if it carries one; 50 otherwise)."),
+    no_schedule: bool = typer.Option(False, "--no-schedule", help="Sample the base candidates without the model's learned velocity schedule."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default predictions/FORMULA)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     seed: int = typer.Option(0, "--seed"),
@@ -77,7 +78,7 @@ def predict_cmd(
         try:
             result = predict(
                 composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
-                steps=steps, formula_units=formula_units, force=force, out=str(out) if out else "", resume=resume, seed=seed, device=device,
+                steps=steps, schedule=not no_schedule, formula_units=formula_units, force=force, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
         except KeyboardInterrupt:
@@ -119,12 +120,12 @@ def predict_cmd(
     typer.echo(f"report: {result.out_dir / 'report.html'}")
 
 
-def check_counts(n: int, rl_steps: int, steps: int, relax_top: int, relax_steps: int) -> None:
+def check_counts(n: int, rl_steps: int, steps: int | None, relax_top: int, relax_steps: int) -> None:
     """PredictOptions.validate's checks of the counts, in its words, made here before torch is imported."""
     for bad, msg in (
         (n <= 0, f"-n must be a positive number of candidates, got {n}"),
         (rl_steps < 0, f"--rl-steps must be >= 0, got {rl_steps}"),
-        (steps < 2, f"--steps must be >= 2, got {steps}"),
+        (steps is not None and steps < 2, f"--steps must be >= 2, got {steps}"),
         (relax_top < 1, f"--relax-top must be >= 1, got {relax_top}"),
         (relax_steps < 0, f"--relax-steps must be >= 0, got {relax_steps}"),
     ):

@@ -314,17 +314,18 @@ def sample_cmd(
 
 @app.command("plot-schedule")
 def plot_schedule_cmd(
-    checkpoint: Path = typer.Argument(..., help="RL checkpoint."),
+    checkpoint: str = typer.Argument(..., help="RL checkpoint, or a model (shipped name or file) that carries a learned schedule."),
     out: Path = typer.Option(Path("schedule.png"), "--out", "-o"),
 ) -> None:
     """Plot the learned s(t) (velocity annealing) and σ(t) as a PNG, PDF or SVG (by the suffix of --out).
 
-    Example: crystalign rl plot-schedule runs/rl_scale/best.pt --out schedule.png
+    Examples:
+      crystalign rl plot-schedule runs/rl_scale/best.pt --out schedule.png
+      crystalign rl plot-schedule perov_5 --out perov_5_schedule.png
     """
     use_threads(None)  # before torch starts
     from crystalign.io import check_output_file
     from crystalign.report import figure_format, plot_schedule
-    from crystalign.rl.checkpoints import load_policy
 
     try:
         figure_format(out)
@@ -332,11 +333,67 @@ def plot_schedule_cmd(
     except (ValueError, PermissionError) as err:
         _fail(str(err))
     try:
-        policy, _ = load_policy(checkpoint)
+        series = _schedule_series(checkpoint)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    plot_schedule(schedule_of(policy), out)
+    plot_schedule(series, out)
     typer.echo(f"wrote {out}")
+
+
+def _schedule_series(name_or_path: str, points: int = 101) -> dict:
+    """s(t) (and σ(t) of an RL run) on a grid, from an RL checkpoint or from a model carrying a schedule."""
+    from crystalign.generator import Generator, resolve_model
+    from crystalign.model.checkpoint import read_checkpoint_file
+    from crystalign.rl.checkpoints import FORMAT, load_policy
+
+    path = resolve_model(name_or_path)
+    state = read_checkpoint_file(path, what="RL checkpoint or crystalign model")
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        policy, _ = load_policy(path)
+        return schedule_of(policy, points)
+    gen = Generator.load(path)
+    if gen.schedule is None:
+        raise ValueError(f"{name_or_path}: this model carries no learned velocity schedule (attach one with `crystalign rl attach-schedule`)")
+    t = [1e-3 + (0.999 - 1e-3) * i / (points - 1) for i in range(points)]
+    values = gen.schedule.values(t)
+    return {"t": t, "pos_s": values["pos"], "cell_s": values["cell"]}
+
+
+@app.command("attach-schedule")
+def attach_schedule_cmd(
+    checkpoint: Path = typer.Argument(..., help="RL checkpoint of a velocity-annealing run (variant: scale): OUT/best.pt of rl fit."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model file to write: the run's base model with the learned s(t) as its default sampler."),
+) -> None:
+    """Write the base model of a velocity-annealing RL run with its learned s(t) attached: `sample`, `predict` and
+    the Python API then integrate with [1 + s(t)]·b at the schedule's step count by default (--no-schedule turns it off).
+
+    Example: crystalign rl attach-schedule runs/rl_scale/best.pt --out models/perov_5_annealed.pt
+    """
+    use_threads(None)
+    from crystalign.io import check_output_file, save_torch
+
+    if not checkpoint.exists():
+        _fail(f"checkpoint {checkpoint} does not exist")
+    try:
+        check_output_file(out)
+    except (ValueError, PermissionError) as err:
+        _fail(str(err))
+    from crystalign.generator import Generator
+    from crystalign.provenance import versions
+    from crystalign.rl.checkpoints import read_rl_checkpoint
+    from crystalign.schedule import VelocitySchedule
+
+    try:
+        schedule = VelocitySchedule.from_rl_checkpoint(checkpoint)
+        reference = read_rl_checkpoint(checkpoint)["reference"]
+        gen = Generator.from_checkpoint_dict(reference, where=f"{checkpoint}:reference")
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    gen.schedule = schedule.checked_for(gen)
+    # the base model's own provenance (training config and data) stays; the schedule's origin is added
+    provenance = {**(reference.get("provenance") or {}), "schedule": {**schedule.record(), "from": str(checkpoint), "versions": versions()}}
+    save_torch(out, gen.checkpoint_dict({"provenance": provenance}))
+    typer.echo(f"wrote {out} (learned s(t) for {schedule.steps} time points attached)")
 
 
 def register(parent: typer.Typer) -> None:

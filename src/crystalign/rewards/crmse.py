@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -56,7 +58,7 @@ def min_rms(structure: "Structure", references: Sequence["Structure"], matcher: 
 
 
 class CRMSEReward:
-    """R = scale · (stol − cRMSE) against references indexed once by reduced formula.
+    """R = scale · (stol − cRMSE + match_bonus · matched) against references indexed once by reduced formula.
 
     Args:
         references: Structures, a CrystalBatch, or a path (CSV with a ``cif`` column, CIF file/folder, extxyz; see
@@ -64,6 +66,9 @@ class CRMSEReward:
         scale: reward scale.
         n_jobs: worker processes for matching (1 = in process). The pool is created on first use and reused.
         matcher: StructureMatcher overrides of the benchmark tolerances (``stol`` also sets the non-match value).
+        match_bonus: added (times ``scale``) for every matched structure. With 0 a match at RMS 0.3 counts as
+            much as tightening a match from 0.3 to 0.1, so precision can be bought with matches; a bonus of 0.5
+            makes any match worth at least a perfect one's precision gain.
 
     Info keys: ``crmse`` (stol where unmatched or invalid), ``matched``, ``valid`` (0/1).
     """
@@ -77,7 +82,11 @@ class CRMSEReward:
         n_jobs: int = 1,
         matcher: Mapping[str, float] | None = None,
         thresholds: ValidityThresholds | Mapping[str, float] | None = None,
+        match_bonus: float = 0.0,
     ) -> None:
+        if not (isinstance(match_bonus, (int, float)) and math.isfinite(match_bonus) and match_bonus >= 0):
+            raise ValueError(f"match_bonus must be a finite number >= 0, got {match_bonus!r}")
+        self.match_bonus = float(match_bonus)
         if isinstance(references, (str, Path)):
             from crystalign.rewards.references import load_structures
 
@@ -112,7 +121,7 @@ class CRMSEReward:
         matched = np.isfinite(rms)
         crmse = np.where(matched, rms, self.stol)
         info = {"crmse": as_tensor(crmse, batch), "matched": as_tensor(matched, batch), "valid": as_tensor(valid, batch)}
-        return RewardResult(as_tensor(self.scale * (self.stol - crmse), batch), info)
+        return RewardResult(as_tensor(self.scale * (self.stol - crmse + self.match_bonus * matched), batch), info)
 
     def _match(self, structures: list["Structure"]) -> list[float]:
         if self.n_jobs == 1 or len(structures) < 2:
