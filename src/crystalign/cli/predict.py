@@ -32,7 +32,11 @@ def predict_cmd(
     modal: Optional[str] = typer.Option(
         None, "--modal", help="Fidelity of a multi-fidelity SevenNet model, e.g. PBE or R2SCAN for --mlip-model 7net-mf-0."
     ),
-    rl_steps: int = typer.Option(20, "--rl-steps", help="Iterations of inference-time RL on this composition (0 = base model only)."),
+    rl_steps: int = typer.Option(
+        0, "--rl-steps",
+        help="Iterations of inference-time RL on this composition (default 0, base model only: at equal MLIP budget, "
+        "sampling more candidates found lower energies; README).",
+    ),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
     relax_steps: int = typer.Option(100, "--relax-steps", help="Maximum FIRE steps per structure."),
     relax_top: int = typer.Option(16, "--relax-top", help="Relax only this many lowest-energy distinct candidates (copies of one structure relax into one minimum)."),
@@ -150,10 +154,19 @@ def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     for name, card in cards.items():
         cov = card.get("coverage", {})
         metrics = card.get("validation", {})
+        schedule = card.get("schedule")
+        if schedule:  # its default sampler is the learned schedule: quote that sampler's held-out figures
+            rows = [r for r in schedule.get("dev_results", []) if r.get("sampler") == "learned" and r.get("steps") == schedule.get("steps")]
+            quality = (
+                f"learned velocity schedule, {schedule.get('steps')} time points: held-out match rate "
+                + ", ".join(f"{_pct(r['match_rate'])} (RMSE {r['rmse']:.3f})" for r in rows[:3])
+                + (f" over {len(rows)} seeds" if len(rows) > 1 else "")
+            )
+        else:
+            quality = f"held-out match rate {_pct(metrics.get('match_rate_50_steps'))} (50 steps), {_pct(metrics.get('match_rate_500_steps'))} (500 steps)"
         typer.echo(
             f"{name:<12} {card.get('description', '')}\n"
-            f"{'':<12} atoms/cell {cov.get('n_atoms_min', '?')}–{cov.get('n_atoms_max', '?')}, {len(cov.get('elements', []))} elements; "
-            f"held-out match rate {_pct(metrics.get('match_rate_50_steps'))} (50 steps), {_pct(metrics.get('match_rate_500_steps'))} (500 steps)"
+            f"{'':<12} atoms/cell {cov.get('n_atoms_min', '?')}–{cov.get('n_atoms_max', '?')}, {len(cov.get('elements', []))} elements; {quality}"
         )
 
 
