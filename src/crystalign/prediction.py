@@ -62,7 +62,9 @@ class PredictOptions:
     mlip_model: str | None = None
     #: fidelity of a multi-fidelity SevenNet model (e.g. PBE or R2SCAN for 7net-mf-0)
     mlip_modal: str | None = None
-    rl_steps: int = 20
+    #: iterations of per-query RL; off by default: at an equal number of MLIP energy evaluations, sampling more
+    #: candidates from the base model found lower relaxed energies (BENCHMARKS.md, "per-query RL against best-of-N")
+    rl_steps: int = 0
     rl_variant: str = "velocity"
     rl_group_size: int = 8
     rl_groups: int = 4
@@ -115,11 +117,12 @@ class PredictOptions:
         from crystalign.rl.config import RLConfig, check_device
 
         check_device(self.device, "--device")  # a CUDA request on a CPU-only machine fails here, not mid-run
-        if self.rl_steps:  # a bad RL option fails now, not after the base model's candidates are written
-            try:
-                RLConfig(iterations=self.rl_steps, seed=self.seed, **self.rl_options())
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"RL options (rl_*): {err}") from None
+        # a bad RL option fails now, not after the base model's candidates are written (and even with RL off:
+        # an option given by mistake is still a mistake)
+        try:
+            RLConfig(iterations=self.rl_steps, seed=self.seed, **self.rl_options())
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"RL options (rl_*): {err}") from None
 
     def rl_options(self) -> dict[str, Any]:
         """The RLConfig options of predict's inference-time RL (velocity RL of positions toward low energy)."""

@@ -351,6 +351,13 @@ def _schedule_series(name_or_path: str, points: int = 101) -> dict:
     if isinstance(state, dict) and state.get("format") == FORMAT:
         policy, _ = load_policy(path)
         return schedule_of(policy, points)
+    from crystalign.generator import CHECKPOINT_FORMAT
+
+    if isinstance(state, dict) and isinstance(state.get("generator"), dict):  # a training checkpoint
+        state = state["generator"]
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not a crystalign RL checkpoint (format: {found!r}) nor a crystalign model")
     gen = Generator.load(path)
     if gen.schedule is None:
         raise ValueError(f"{name_or_path}: this model carries no learned velocity schedule (attach one with `crystalign rl attach-schedule`)")
