@@ -403,6 +403,53 @@ def attach_schedule_cmd(
     typer.echo(f"wrote {out} (learned s(t) for {schedule.steps} time points attached)")
 
 
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="RL checkpoint of a velocity-based run on pos and cell (OUT/best.pt of rl fit)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model file to write: the reinforced network as a base model."),
+) -> None:
+    """Write the reinforced network of a velocity-based RL run as a model that `sample`, `predict` and the Python API
+    use like a base model: Euler integration of b_θ is the policy's mean path (its sampling without exploration noise).
+
+    Example: crystalign rl export runs/rl_perov_energy/best.pt --out perov_5_energy.pt
+    """
+    use_threads(None)
+    from crystalign.io import check_output_file, save_torch
+
+    if not checkpoint.exists():
+        _fail(f"checkpoint {checkpoint} does not exist")
+    try:
+        check_output_file(out)
+    except (ValueError, PermissionError) as err:
+        _fail(str(err))
+    from crystalign.provenance import versions
+    from crystalign.rl.checkpoints import load_policy
+
+    try:
+        policy, state = load_policy(checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    if policy.config.variant != "velocity":
+        # the score variant's mean path adds σ²/(2γ)·η, and the annealing variants scale a frozen network: none of
+        # them is plain Euler of one network
+        _fail(f"{checkpoint}: a {policy.config.variant!r} RL run cannot be exported as a base model (only 'velocity')")
+    if sorted(policy.config.fields) != ["cell", "pos"]:
+        # a field left out follows the frozen base network, which one exported network cannot reproduce
+        _fail(f"{checkpoint}: this run reinforced only {policy.config.fields}; export needs a run on pos and cell (fields: [pos, cell])")
+    gen = policy.reference
+    base_hash = gen.model_hash()
+    gen.net.load_state_dict(policy.net.state_dict())
+    gen.schedule = None
+    provenance = {
+        "rl": {
+            "checkpoint": str(checkpoint), "iteration": state.get("iteration"), "reward": policy.config.reward,
+            "base_model_hash": base_hash, "variant": policy.config.variant, "versions": versions(),
+        }
+    }
+    save_torch(out, gen.checkpoint_dict({"provenance": provenance}))
+    typer.echo(f"wrote {out} (the network of iteration {state.get('iteration')}, reinforced from model {base_hash})")
+
+
 def register(parent: typer.Typer) -> None:
     parent.add_typer(app, name="rl")
 
