@@ -271,3 +271,12 @@ def test_no_valid_candidate_is_a_failure_that_says_why(tmp_path):
     assert res.exit_code == 1, res.output
     assert "Sr3Ti3O9: no trustworthy structure among 2 candidates" in res.output and "nan" not in res.output
     assert (tmp_path / "p" / "report.html").exists()  # the report still shows what was sampled
+
+
+def test_a_model_with_a_learned_schedule_samples_with_it_unless_told_not_to(tmp_path):
+    annealed = predict("SrTiO3", model="perov_5_annealed", out=str(tmp_path / "a"), progress=False, n=2, relax=False)
+    record = annealed.summary["schedule"]
+    assert annealed.summary["steps"] == record["steps"] == 20 and record["model_hash"] == annealed.summary["model_hash"]
+    plain = predict("SrTiO3", model="perov_5_annealed", out=str(tmp_path / "b"), progress=False, n=2, relax=False, schedule=False)
+    assert plain.summary["schedule"] is None and plain.summary["steps"] == 50
+    assert annealed.summary["rl_steps"] == 0  # per-query RL is opt-in
