@@ -19,7 +19,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("name")
-    ap.add_argument("--eval", default=None, help="JSON written by bench/csp_eval.py")
+    ap.add_argument("--eval", default=None, help="JSON written by bench/csp_eval.py (CSP models)")
+    ap.add_argument("--dng-eval", default=None, help="JSON written by bench/dng_eval.py (de novo models)")
     ap.add_argument("--command", default="")
     ap.add_argument("--description", default="")
     args = ap.parse_args()
@@ -48,6 +49,17 @@ def main() -> None:
             "data": ev.get("data"),
             **{f"match_rate_{r['steps']}_steps" + (f"_anneal_{r['anneal_pos']:g}" if r["anneal_pos"] else ""): r["match_rate"] for r in ev["results"]},
             "results": ev["results"],
+        }
+    if args.dng_eval:
+        ev = json.loads(Path(args.dng_eval).read_text())
+        card["dng_validation"] = {
+            "protocol": f"{ev['n']} crystals generated ({ev['steps']} time points, seed {ev['seed']}); coverage and "
+            "Wasserstein distances against the held-out part of the dev split, novelty against the trained part "
+            "(crystalign.dng_metrics)" + (f"; E-hull against {ev['hull']}" if ev.get("hull") else ""),
+            "data": ev.get("data"),
+            "metrics": ev["metrics"],
+            "diversity": ev.get("diversity"),
+            "command": ev.get("command"),
         }
     dest = pretrained_dir() / f"{args.name}.pt"
     save_torch(dest, ckpt)

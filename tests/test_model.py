@@ -410,3 +410,14 @@ def test_import_command(tmp_path):
     assert again.exit_code == 1 and "--force" in again.output
     bad = runner.invoke(app, ["import-omatg", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "n.pt")])
     assert bad.exit_code == 1 and "does not exist" in bad.output
+    # the authors' de novo weights import with their DNG setup, and generate
+    dng_src = tmp_path / "dng.ckpt"
+    _authors_checkpoint(dng_src, _tiny_authors_tensors(dng=True))
+    result = runner.invoke(app, ["import-omatg", str(dng_src), "--out", str(tmp_path / "dng.pt")])
+    assert result.exit_code == 0 and "DNG CSPNet 2 x 16" in result.output, result.output
+    dng = Generator.load(tmp_path / "dng.pt")
+    assert dng.is_dng and dng.interpolants.species.noise == pytest.approx(0.1895)
+    made = dng.generate(2, atoms=3, seed=0, steps=3)
+    assert made.n_atoms.tolist() == [3, 3] and made.species.min() >= 1
+    wrong = runner.invoke(app, ["import-omatg", str(dng_src), "--out", str(tmp_path / "w.pt"), "--config", "mp_20_paper_gpu"])
+    assert wrong.exit_code == 1 and "DNG" in wrong.output and "mp_20_dng_gpu" in wrong.output

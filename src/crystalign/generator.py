@@ -65,6 +65,12 @@ class Generator(torch.nn.Module):
         self.config = config
         self.net = CSPNet(config.net)
         self.interpolants = Interpolants.from_config(config.interpolants)
+        if config.net.dng != (self.interpolants.species is not None):
+            raise ValueError(
+                "generator.net.dng and generator.interpolants.species must agree: a de novo (DNG) model needs both "
+                "`net: {dng: true}` and a species flow (`interpolants: {species: {kind: mask, noise: ...}}`), a CSP "
+                "model neither"
+            )
         self.base = base
         #: training coverage: elements and atom counts seen (for out-of-coverage warnings)
         self.coverage = coverage or {}
@@ -78,13 +84,27 @@ class Generator(torch.nn.Module):
         Besides saving optimiser state, DDP requires every trainable parameter to receive a gradient;
         otherwise its buckets are not all-reduced and ranks drift apart.
         """
-        unused = [] if self.net.config.dng else [self.net.type_out, self.net.type_out_2]
+        # species have no denoiser: only a DNG model's logits head (type_out) is trained
+        unused = [self.net.type_out_2] if self.net.config.dng else [self.net.type_out, self.net.type_out_2]
         if not self.interpolants["pos"].uses_denoiser:
             unused.append(self.net.coord_out_2)
         if not self.interpolants["cell"].uses_denoiser:
             unused.append(self.net.lattice_out_2)
         for module in unused:
             module.requires_grad_(False)
+
+    @property
+    def is_dng(self) -> bool:
+        """Whether this is a de novo model: it generates the species too (else species are given: CSP)."""
+        return self.interpolants.species is not None
+
+    def check_csp(self, what: str = "this command") -> None:
+        """ValueError unless this is a CSP model (``what`` needs compositions to be given)."""
+        if self.is_dng:
+            raise ValueError(
+                f"{what} needs a crystal structure prediction (CSP) model, which is given compositions; this is a de "
+                "novo (DNG) model: generate new crystals with `crystalign generate` (Python: Generator.generate)"
+            )
 
     # ------------------------------------------------------------------ sampling
     def base_sample(self, species: torch.Tensor, n_atoms: torch.Tensor, generator: torch.Generator | None = None) -> CrystalBatch:
@@ -129,6 +149,77 @@ class Generator(torch.nn.Module):
         out = self.sampler(**sampler_overrides).sample(x0, generator=generator)
         return out.replace(ids=template.ids)
 
+    def atom_counts(self) -> dict[int, int]:
+        """Atom counts of the training crystals and how often each occurs (a DNG model draws new crystals' sizes
+        from it); from the coverage record, or the range of sizes seen when an older record lacks the counts."""
+        cov = self.coverage or {}
+        if cov.get("n_atoms_counts"):
+            return {int(n): int(c) for n, c in cov["n_atoms_counts"].items()}
+        lo, hi = cov.get("n_atoms_min"), cov.get("n_atoms_max")
+        if lo is None or hi is None:
+            raise ValueError("this model does not record the atom counts it was trained on: give the atoms per crystal (atoms=K, --atoms K)")
+        return {n: 1 for n in range(int(lo), int(hi) + 1)}
+
+    def dng_template(self, n: int, atoms: int | Sequence[int] | None = None, seed: int | None = 0) -> CrystalBatch:
+        """A batch of ``n`` fully masked crystals whose sizes are ``atoms`` (one count, or one per crystal) or drawn
+        from the training distribution with ``seed``; ids are ``dng_000000``, ..."""
+        import numpy as np
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if atoms is None:
+            counts = self.atom_counts()
+            # a stream of its own: the sampler's stream (same seed) then matches `crystalign generate`'s
+            rng = np.random.default_rng(None if seed is None else [check_seed(seed), 0x5A7E])
+            sizes = sorted(counts)
+            weights = np.array([counts[k] for k in sizes], dtype=np.float64)
+            n_atoms = torch.as_tensor(rng.choice(sizes, size=n, p=weights / weights.sum()), dtype=torch.long)
+        else:
+            n_atoms = torch.as_tensor([atoms] * n if isinstance(atoms, int) else list(atoms), dtype=torch.long)
+            if n_atoms.numel() != n:
+                raise ValueError(f"atoms gives {n_atoms.numel()} counts for {n} crystals")
+            lo, hi = 1, self.config.max_atoms
+            bad = [int(k) for k in n_atoms if not lo <= int(k) <= hi]
+            if bad:
+                cov = self.coverage or {}
+                seen = f" (trained on {cov['n_atoms_min']}..{cov['n_atoms_max']} atoms)" if "n_atoms_min" in cov else ""
+                raise ValueError(f"atoms={bad[0]} is outside this model's range {lo}..{hi}{seen}")
+        total = int(n_atoms.sum())
+        return CrystalBatch(
+            species=torch.zeros(total, dtype=torch.long),
+            frac=torch.zeros(total, 3),
+            lattice=torch.eye(3).repeat(n, 1, 1),
+            n_atoms=n_atoms,
+            ids=[f"dng_{i:06d}" for i in range(n)],
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, n: int, atoms: int | Sequence[int] | None = None, seed: int | None = 0, batch_size: int = 256,
+        callback=None, **sampler_overrides,
+    ) -> CrystalBatch:
+        """``n`` new crystals from a de novo model: species, positions and lattice generated together.
+
+        ``atoms``: atoms per crystal (one count for all, or one per crystal); default: drawn from the training
+        crystals. One random stream runs through the batches, so a seed reproduces the same crystals for the same
+        ``n``, ``atoms`` and ``batch_size``. ``callback(done, total)`` is called after every batch.
+        """
+        if not self.is_dng:
+            raise ValueError(
+                "this is a crystal structure prediction (CSP) model: it needs compositions (`crystalign sample`, "
+                "Generator.sample_compositions); de novo generation needs a DNG model such as perov_5_dng"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        template = self.dng_template(n, atoms, seed=seed)
+        g = cpu_generator(seed)
+        out = []
+        for part in template.split(batch_size):
+            out.append(self.sample(part, generator=g, **sampler_overrides))
+            if callback is not None:
+                callback(sum(p.num_structures for p in out), n)
+        return CrystalBatch.cat(out)
+
     def sample_compositions(
         self, compositions: "Sequence[str | Composition] | str | Composition", n: int = 1, seed: int | None = 0,
         batch_size: int = 256, **sampler_overrides,
@@ -139,6 +230,7 @@ class Generator(torch.nn.Module):
         One random stream runs through the batches of ``batch_size`` structures, so a seed reproduces the same
         structures for the same compositions, ``n`` and ``batch_size``; changing either draws other structures.
         """
+        self.check_csp("sample_compositions")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         template = composition_batch(compositions, n, max_atoms=self.config.max_atoms)

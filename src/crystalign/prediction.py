@@ -412,6 +412,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     try:
         stages = _Stages(out, opts, opts.resume)
         gen = Generator.load(opts.model).to(opts.device)
+        gen.check_csp("`predict`")
         cells, size_note = _cells_inside_coverage(opts, gen.coverage)
         cell_species = [parse_composition(cell, max_atoms=gen.config.max_atoms) for cell in cells]
         backend = get_backend(opts.backend, model=opts.mlip_model, modal=opts.mlip_modal).load()

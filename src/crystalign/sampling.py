@@ -49,9 +49,10 @@ class SamplerConfig:
 
 
 class FieldNet:
-    """Calls the network once for all fields on a batch whose composition does not change.
+    """Calls the network once for all fields on a batch whose atom counts do not change.
 
-    Caches the intra-crystal edge list so that integration does not rebuild it at every step.
+    Caches the intra-crystal edge list so that integration does not rebuild it at every step. A DNG sampler passes
+    the current (partly masked) species at every call; CSP species stay those given here.
     """
 
     def __init__(self, net: torch.nn.Module, species: torch.Tensor, n_atoms: torch.Tensor):
@@ -60,10 +61,13 @@ class FieldNet:
         self.n_atoms = n_atoms
         self.edges = build_edges(n_atoms)
 
-    def __call__(self, t: float | torch.Tensor, frac: torch.Tensor, lattice: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, t: float | torch.Tensor, frac: torch.Tensor, lattice: torch.Tensor, species: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         b = self.n_atoms.numel()
         t_vec = torch.as_tensor(t, dtype=frac.dtype, device=frac.device).expand(b) if not torch.is_tensor(t) or t.dim() == 0 else t
-        return self.net(t_vec, self.species, wrap(frac), lattice, self.n_atoms, edges=self.edges)
+        species = self.species if species is None else species
+        return self.net(t_vec, species, wrap(frac), lattice, self.n_atoms, edges=self.edges)
 
 
 def drift(
@@ -118,21 +122,26 @@ class Sampler:
         trajectory: bool = False,
         callback: Callable[[int, int], None] | None = None,
     ) -> CrystalBatch | tuple[CrystalBatch, list[CrystalBatch]]:
-        """Integrate every structure of ``x0``; returns the final batch (and the trajectory if asked)."""
+        """Integrate every structure of ``x0``; returns the final batch (and the trajectory if asked).
+
+        A DNG model (species flow) also integrates the species from ``x0.species`` (all MASK for new crystals),
+        with the logits of the same network call; their draws come from ``generator`` too."""
         cfg = self.config
         fnet = FieldNet(self.net, x0.species, x0.n_atoms)
         ts = time_grid(cfg.steps, dtype=torch.float64).tolist()
+        species_flow = getattr(self.interpolants, "species", None)
+        species = x0.species
         state = {"pos": wrap(x0.frac), "cell": x0.lattice.clone()}
         traj = [x0.replace(frac=state["pos"].clone(), lattice=state["cell"].clone())] if trajectory else []
         stochastic = cfg.method == "sde"
         mult = self.multipliers(ts)
         for k in range(len(ts) - 1):
             t, dt = ts[k], ts[k + 1] - ts[k]
-            out = fnet(t, state["pos"], state["cell"])
+            out = fnet(t, state["pos"], state["cell"], species)
             drifts = {f: drift(out, f, t, self.interpolants[f], mult[f][k], stochastic) for f in FIELDS}
             if cfg.method == "heun":
                 pred = {f: state[f] + drifts[f] * dt for f in FIELDS}
-                out2 = fnet(ts[k + 1], pred["pos"], pred["cell"])
+                out2 = fnet(ts[k + 1], pred["pos"], pred["cell"], species)
                 d2 = {f: drift(out2, f, ts[k + 1], self.interpolants[f], mult[f][k + 1]) for f in FIELDS}
                 new = {f: state[f] + 0.5 * (drifts[f] + d2[f]) * dt for f in FIELDS}
             else:
@@ -146,9 +155,11 @@ class Sampler:
                             new[f] = new[f] + (2.0 * eps * dt) ** 0.5 * noise
             new["pos"] = wrap(new["pos"])
             state = new
+            if species_flow is not None:
+                species = species_flow.step(species, out["species_b"], t, dt, last=k == len(ts) - 2, generator=generator)
             if trajectory:
-                traj.append(x0.replace(frac=state["pos"].clone(), lattice=state["cell"].clone()))
+                traj.append(x0.replace(frac=state["pos"].clone(), lattice=state["cell"].clone(), species=species))
             if callback is not None:
                 callback(k + 1, len(ts) - 1)
-        final = x0.replace(frac=state["pos"], lattice=state["cell"])
+        final = x0.replace(frac=state["pos"], lattice=state["cell"], species=species)
         return (final, traj) if trajectory else final

@@ -163,6 +163,7 @@ def steer(
     dev = check_device(device)
     reward_obj = as_reward(reward)
     gen = model if isinstance(model, Generator) else Generator.load(model)
+    gen.check_csp("steer()")
     if isinstance(compositions, CrystalBatch):
         comps = compositions
     else:

@@ -119,25 +119,28 @@ class StructureIndexDataset(Dataset):
 
 # ---------------------------------------------------------------------- losses
 def interpolant_losses(gen: Generator, x1: CrystalBatch, generator: torch.Generator | None = None, min_perm: bool = False) -> dict[str, torch.Tensor]:
-    """Per-key losses (``pos_b``, ``pos_eta``, ``cell_b``, ``cell_eta``) for one batch of data."""
+    """Per-key losses (``pos_b``, ``pos_eta``, ``cell_b``, ``cell_eta``; ``species`` for DNG) for one batch of data."""
     ips = gen.interpolants
     x0 = gen.base.sample(x1.species, x1.n_atoms, generator=generator, dtype=x1.dtype, device=x1.device)
     if min_perm:
         x0 = x0.replace(frac=min_perm_coupling(x0.frac, x1.frac, x1.n_atoms))
     t = sample_times(x1.num_structures, generator=generator, device=x1.device, dtype=x1.dtype)
     samples = ips.interpolate(t, x0, x1, generator=generator)
+    # DNG: the network sees the partly masked species at time t and predicts the data species from them
+    species_t = x1.species if ips.species is None else ips.species.interpolate(t[x1.batch], x1.species, generator)
     edges = build_edges(x1.n_atoms)
-    out = gen.net(t, x1.species, samples["pos"].x_t, samples["cell"].x_t, x1.n_atoms, edges=edges)
+    out = gen.net(t, species_t, samples["pos"].x_t, samples["cell"].x_t, x1.n_atoms, edges=edges)
     b_minus = None
     if ips.needs_minus_pass:
         minus = ips.minus_states(samples)
-        out_m = gen.net(t, x1.species, minus["pos"], minus["cell"], x1.n_atoms, edges=edges)
+        out_m = gen.net(t, species_t, minus["pos"], minus["cell"], x1.n_atoms, edges=edges)
         b_minus = {f: out_m[f"{f}_b"] for f in ips.fields}
     return ips.losses(
         samples,
         b_plus={f: out[f"{f}_b"] for f in ips.fields},
         eta={f: out[f"{f}_eta"] for f in ips.fields},
         b_minus=b_minus,
+        species=None if ips.species is None else (out["species_b"], x1.species),
     )
 
 
@@ -239,7 +242,8 @@ class GeneratorModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         vcfg = self.config.validation
-        if not vcfg.match_every_n_epochs or self.holdout is None or self.trainer.sanity_checking:
+        # a DNG model has no composition to match a reference with
+        if not vcfg.match_every_n_epochs or self.holdout is None or self.trainer.sanity_checking or self.generator.is_dng:
             return
         if (self.current_epoch + 1) % vcfg.match_every_n_epochs:
             return
@@ -296,11 +300,14 @@ def coverage_of(batch: CrystalBatch) -> dict[str, Any]:
     from pymatgen.core import Element
 
     zs = sorted(set(batch.species.tolist()))
+    counts = torch.bincount(batch.n_atoms.cpu())
     return {
         "elements": [Element.from_Z(z).symbol for z in zs],
         "n_atoms_min": int(batch.n_atoms.min()),
         "n_atoms_max": int(batch.n_atoms.max()),
         "n_structures": batch.num_structures,
+        # DNG models draw the atom count of a new crystal from this distribution
+        "n_atoms_counts": {str(n): int(c) for n, c in enumerate(counts.tolist()) if c},
     }
 
 

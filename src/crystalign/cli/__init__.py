@@ -24,6 +24,7 @@ app = typer.Typer(
 # --- command registrations (one line per module) ---
 from crystalign.cli import data as _data  # noqa: E402
 from crystalign.cli import generate as _generate  # noqa: E402
+from crystalign.cli import denovo as _denovo  # noqa: E402
 from crystalign.cli import rl as _rl  # noqa: E402
 from crystalign.cli import evaluate as _evaluate  # noqa: E402
 from crystalign.cli import models as _models  # noqa: E402
@@ -33,6 +34,7 @@ from crystalign.cli import config as _config  # noqa: E402
 
 app.add_typer(_data.app, name="data")
 _generate.register(app)
+_denovo.register(app)
 _rl.register(app)
 _evaluate.register(app)
 _models.register(app)

@@ -1,4 +1,6 @@
-"""``crystalign evaluate``: CSP metrics of generated structures against references.
+"""``crystalign evaluate``: CSP metrics of generated structures against references, or with ``--dng`` de novo
+generation metrics (validity, coverage, Wasserstein distances, uniqueness, novelty, S.U.N.;
+:mod:`crystalign.dng_metrics`).
 
 Inputs and their order (pairing is by index, see :mod:`crystalign.metrics`):
 
@@ -20,6 +22,17 @@ With ``--out OUT`` the evaluation is resumable: every matched pair is appended t
 beside it (see :func:`crystalign.metrics.csp_metrics`); ``--resume`` continues from there, and the file goes
 once OUT is written. Without ``--resume`` an existing one is refused, never silently reused or overwritten.
 Timed-out pairs stay timeouts on resume; delete the file to match everything again.
+
+``--dng``: nothing is paired, so ``-k``, ``--metre``, ``--resume``, ``--workers`` and ``--timeout`` are refused.
+``--reference`` is the reference set for coverage and the Wasserstein distances: a file, a folder, a dataset name
+(its default split, ``val``) or ``NAME:SPLIT`` (``perov_5:test``, the split CDVAE and DiffCSP compare with).
+``--training`` (a file, folder, dataset name or ``NAME:SPLIT``) enables novelty and S.U.N.; when the reference is a
+dataset name it defaults to that dataset's ``train`` split if it is found locally (else novelty is skipped with a
+note). The coverage cutoffs are CDVAE's for the reference's dataset (``perov_5``, ``carbon_24``, ``mp_20``: taken
+from a dataset name, or the name of the folder holding a reference file) unless ``--cov-cutoffs STRUCT,COMP``
+gives them. ``--hull HULL.json`` (``crystalign hull build``) adds stability and S.U.N.: the energies come from
+:func:`crystalign.dng_metrics.energies_above_hull` with the MLIP the hull records. ``--out`` writes the metrics
+with one record per structure and the provenance, atomically.
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ Examples:
 
   crystalign evaluate samples/ -r perov_5/test.csv -k 4 --json --out metrics.json
 
+  crystalign evaluate samples/ --dng -r perov_5:test --training perov_5:train --hull hull.json --out dng.json
+
   crystalign evaluate samples/ -r perov_5/test.csv -k 4 --out metrics.json --resume
 
 samples/ holds 000000_000.cif, 000000_001.cif, ... (or an index.json listing the files in order);
@@ -57,6 +72,7 @@ def register(app: typer.Typer) -> None:
 
 
 def evaluate(
+    ctx: typer.Context,
     generated: Path = typer.Argument(
         ..., exists=True, help="Folder of CIFs (zero-padded names or index.json), an extxyz file or a CIF file."
     ),
@@ -90,11 +106,48 @@ def evaluate(
     ),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the named datasets (for a dataset name in -r)."),
     threads: Optional[int] = threads_option(),
+    dng: bool = typer.Option(
+        False, "--dng", help="De novo generation metrics instead (validity, COV-R/P, Wasserstein, uniqueness, novelty, S.U.N.).",
+    ),
+    training: Optional[str] = typer.Option(
+        None, "--training",
+        help="--dng: training set for novelty/S.U.N. (file, folder, dataset name or NAME:SPLIT). Default: the train split "
+        "of a dataset-name reference, if found.",
+    ),
+    hull: Optional[Path] = typer.Option(None, "--hull", help="--dng: hull file (crystalign hull build) for stability and S.U.N."),
+    cov_cutoffs: Optional[str] = typer.Option(
+        None, "--cov-cutoffs", help="--dng: coverage cutoffs STRUCT,COMP. Default: CDVAE's for the reference's dataset."
+    ),
+    stable_threshold: float = typer.Option(0.0, "--stable-threshold", help="--dng: e_hull (eV/atom) counted as stable."),
+    max_reference: Optional[int] = typer.Option(
+        None, "--max-reference", min=1, help="--dng: fingerprint at most this many references for coverage (random subset)."
+    ),
+    comp_scaler: Optional[str] = typer.Option(
+        None, "--comp-scaler",
+        help="--dng: how composition features are scaled for coverage: 'broad' (default: fixed constants over MP-20 "
+        "chemistry, as CDVAE), 'reference' (the reference set's own), or a JSON file {\"means\": [...], \"stds\": [...]} "
+        "of the 132 magpie features (e.g. CDVAE's constants).",
+    ),
+    fingerprint_cache: Optional[Path] = typer.Option(
+        None, "--fingerprint-cache", dir_okay=False, help="--dng: .npz file caching the reference fingerprints."
+    ),
 ) -> None:
-    """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs)."""
+    """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs);
+    with --dng, de novo generation metrics."""
     from crystalign.io import OutputPathError, check_output_file, remove_stale_parts, write_json
 
     use_threads(threads)
+    if dng:
+        _evaluate_dng(
+            ctx, generated, str(reference), training, hull, cov_cutoffs, stable_threshold, max_reference, comp_scaler,
+            fingerprint_cache, as_json, out, progress, data_root,
+        )
+        return
+    for name, flag in (("training", "--training"), ("hull", "--hull"), ("cov_cutoffs", "--cov-cutoffs"),
+                       ("stable_threshold", "--stable-threshold"), ("max_reference", "--max-reference"),
+                       ("comp_scaler", "--comp-scaler"), ("fingerprint_cache", "--fingerprint-cache")):
+        if _given(ctx, name):
+            _fail(f"{flag} applies to --dng only")
     checkpoint = None
     if out is not None:
         try:  # up front: a bad --out must not surface only after all the matching
@@ -163,6 +216,134 @@ def evaluate(
         checkpoint.unlink(missing_ok=True)  # the metrics are safe in OUT: nothing left to resume
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option was set on the command line (or by an environment variable), not left at its default."""
+    source = ctx.get_parameter_source(name)
+    # by name: typer >= 0.20 vendors its own click, whose enum is not the installed click's
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _evaluate_dng(
+    ctx, generated: Path, reference: str, training: Optional[str], hull: Optional[Path], cov_cutoffs: Optional[str],
+    stable_threshold: float, max_reference: Optional[int], comp_scaler: Optional[str], fingerprint_cache: Optional[Path],
+    as_json: bool, out: Optional[Path], progress: bool, data_root: Optional[Path],
+) -> None:
+    """``evaluate --dng``: cheap checks first, then the inputs, then the metrics (which import torch and pymatgen)."""
+    from crystalign.io import OutputPathError, check_output_file, remove_stale_parts, write_json
+
+    for name, flag in (("k", "-k"), ("metre", "--metre"), ("resume", "--resume"), ("workers", "--workers"),
+                       ("timeout", "--timeout")):
+        if _given(ctx, name):
+            _fail(f"{flag} does not apply to --dng (DNG metrics pair nothing with the references)")
+    thresholds = None
+    if cov_cutoffs is not None:
+        try:
+            thresholds = tuple(float(x) for x in cov_cutoffs.split(","))
+        except ValueError:
+            thresholds = ()
+        if len(thresholds) != 2 or not all(x > 0 and x != float("inf") for x in thresholds):
+            _fail(f"--cov-cutoffs must be two positive numbers STRUCT,COMP (e.g. 0.4,10), got {cov_cutoffs!r}")
+    if hull is not None and not hull.is_file():
+        _fail(f"--hull: {hull} is not a file (build one with `crystalign hull build`)")
+    scaler = comp_scaler or "broad"
+    if comp_scaler not in (None, "broad", "reference"):
+        comp_scaler = Path(comp_scaler)
+        if not comp_scaler.is_file():
+            _fail(f"--comp-scaler: {comp_scaler} is not a file (nor 'broad' or 'reference')")
+        try:
+            data = json.loads(comp_scaler.read_text(errors="replace"))
+            scaler = ([float(x) for x in data["means"]], [float(x) for x in data["stds"]])
+        except (ValueError, KeyError, TypeError) as exc:
+            _fail(f"--comp-scaler {comp_scaler}: expected JSON {{\"means\": [...], \"stds\": [...]}} ({exc})")
+    if out is not None:
+        try:
+            check_output_file(out)
+        except OutputPathError as exc:
+            _fail(f"--out: {exc}")
+        remove_stale_parts(out.parent, names=[out.name])
+    dataset = _dataset_of(reference)
+    if thresholds is None and dataset is None:
+        typer.echo(
+            f"note: no CDVAE coverage cutoffs known for reference {reference!r}: coverage is skipped (give --cov-cutoffs "
+            "STRUCT,COMP)", err=True,
+        )
+    try:
+        gen, gen_names = load_structures(generated, tolerate_unreadable=True)
+        ref, _ = load_structures(Path(reference), tolerate_unreadable=False, data_root=data_root)
+        train, training_used = None, training
+        if training is not None:
+            train, _ = load_structures(Path(training), tolerate_unreadable=False, data_root=data_root)
+        elif _is_dataset_name(reference):
+            name = reference.split(":", 1)[0]
+            from crystalign.data import DataError
+
+            try:
+                train, _ = load_structures(Path(f"{name}:train"), tolerate_unreadable=False, data_root=data_root)
+                training_used = f"{name}:train"
+            except DataError as exc:
+                typer.echo(f"note: novelty and S.U.N. not computed: {exc}; or pass --training", err=True)
+        else:
+            typer.echo("note: novelty and S.U.N. not computed: pass --training (a file, folder or dataset name)", err=True)
+    except (ValueError, OSError) as exc:  # DataError is a ValueError
+        _fail(str(exc))
+    unreadable = [name for s, name in zip(gen, gen_names) if s is None]
+    if unreadable:
+        typer.echo(f"{len(unreadable)} generated structure(s) unreadable, counted invalid: {', '.join(unreadable[:10])}", err=True)
+    from crystalign.dng_metrics import dng_metrics, energies_above_hull  # after the inputs: imports torch, pymatgen
+    from crystalign.provenance import versions
+
+    e_hull = None
+    if hull is not None:
+        try:
+            e_hull = energies_above_hull(gen, hull, progress=progress)
+        except (ValueError, OSError) as exc:
+            _fail(f"--hull {hull}: {exc}")
+    try:
+        result = dng_metrics(
+            gen, ref, train, thresholds=thresholds, dataset=None if thresholds else dataset, e_above_hull=e_hull,
+            stable_threshold=stable_threshold, progress=progress, max_reference=max_reference, comp_scaler=scaler,
+            fingerprint_cache=fingerprint_cache,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo(result.summary())
+    if out is not None:
+        try:
+            write_json(out, {**result.to_dict(details=True), "provenance": {
+                "generated": str(generated), "reference": reference, "training": training_used, "hull": None if hull is None else str(hull),
+                "cov_cutoffs_from": "--cov-cutoffs" if thresholds else (f"CDVAE ({dataset})" if dataset else None),
+                "comp_scaler": str(comp_scaler) if comp_scaler else "broad",
+                "max_reference": max_reference, "command": " ".join(sys.argv), "versions": versions(),
+            }})
+        except OSError as exc:
+            typer.secho(f"error: cannot write {out}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+
+def _is_dataset_name(text: str) -> bool:
+    """A registered dataset name (or NAME:SPLIT) that is not a path here (a path of that name wins, as in load_dataset)."""
+    from crystalign.data.registry import is_registered
+
+    return not Path(text).exists() and is_registered(text.split(":", 1)[0])
+
+
+def _dataset_of(reference: str) -> str | None:
+    """The CDVAE dataset a reference belongs to, for its coverage cutoffs: a dataset name (NAME or NAME:SPLIT), or
+    the name of the folder holding a reference file (``.../perov_5/test.csv``) or of a reference folder."""
+    from crystalign.dng_metrics import _DATASET_ALIASES, CDVAE_COV_CUTOFFS  # light: numpy only at import
+
+    path = Path(reference)
+    candidates = [reference.split(":", 1)[0]] if not path.exists() else [path.parent.name, path.name]
+    for name in candidates:
+        name = _DATASET_ALIASES.get(name.lower(), name.lower())
+        if name in CDVAE_COV_CUTOFFS:
+            return name
+    return None
+
+
 def checkpoint_path(out: Path) -> Path:
     """Where ``evaluate --out OUT`` keeps its finished pairs until OUT is written (hidden, as hull build's)."""
     return out.with_name(f".{out.name}.partial.jsonl")
@@ -199,8 +380,12 @@ def load_structures(
     path = Path(path)
     if not tolerate_unreadable and not path.exists():
         from crystalign.data import load_dataset
+        from crystalign.data.registry import is_registered
 
-        ds = load_dataset(str(path), data_root=str(data_root) if data_root else None)
+        name, split = str(path), None
+        if ":" in name and is_registered(name.split(":", 1)[0]):  # NAME:SPLIT, e.g. perov_5:test
+            name, split = name.split(":", 1)
+        ds = load_dataset(name, split=split, data_root=str(data_root) if data_root else None)
         return ds.batch.to_structures(), ds.ids
     if path.is_dir() and not (path / "data.mdb").exists() and (tolerate_unreadable or (path / "index.json").exists()):
         return _load_cif_folder(path, tolerate_unreadable)

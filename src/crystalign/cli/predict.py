@@ -155,7 +155,13 @@ def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
         cov = card.get("coverage", {})
         metrics = card.get("validation", {})
         schedule = card.get("schedule")
-        if schedule:  # its default sampler is the learned schedule: quote that sampler's held-out figures
+        dng = (card.get("dng_validation") or {}).get("metrics")
+        if dng:  # a de novo model: validity and coverage of what it generates
+            quality = (
+                f"de novo: valid {_pct(dng.get('valid'))}, COV-R {_pct(dng.get('cov_recall'))}, "
+                f"COV-P {_pct(dng.get('cov_precision'))}, novel {_pct(dng.get('novelty'))}"
+            )
+        elif schedule:  # its default sampler is the learned schedule: quote that sampler's held-out figures
             rows = [r for r in schedule.get("dev_results", []) if r.get("sampler") == "learned" and r.get("steps") == schedule.get("steps")]
             quality = (
                 f"learned velocity schedule, {schedule.get('steps')} time points: held-out match rate "

@@ -244,8 +244,9 @@ def sample_cmd(
     compositions_from: Optional[Path] = typer.Option(
         None, "--compositions-from", help="Reference file or dataset name: sample each row's composition, in row order."
     ),
-    n: int = typer.Option(1, "-n", help="Structures per composition (with --composition)."),
+    n: int = typer.Option(1, "-n", help="Structures per composition (with --composition), or crystals of a de novo run."),
     k: int = typer.Option(1, "-k", help="Structures per reference row (with --compositions-from)."),
+    atoms: Optional[int] = typer.Option(None, "--atoms", min=1, help="De novo runs: atoms per crystal (default: drawn as in training)."),
     out: Path = typer.Option(Path("rl_samples"), "--out", "-o", help="Output folder (one without earlier samples)."),
     no_noise: bool = typer.Option(False, "--no-noise", help="Deterministic mean path instead of the trained stochastic policy."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Time points, >= 2 (default: as trained)."),
@@ -257,14 +258,20 @@ def sample_cmd(
 ) -> None:
     """Sample the reinforced policy.
 
-    Example: crystalign rl sample runs/rl_perov/best.pt --composition SrTiO3 -n 16 --out rl_samples/
+    Examples:
+      crystalign rl sample runs/rl_perov/best.pt --composition SrTiO3 -n 16 --out rl_samples/
+      crystalign rl sample runs/rl_dng/best.pt -n 100 --out rl_dng_samples/      # a de novo run: no compositions
     """
     from crystalign.cli.generate import check_sample_counts, check_sample_folder, report_samples
     from crystalign.io import check_output_dir
 
     used_threads = use_threads(threads)
-    # cheap checks first, before torch is imported
-    check_sample_counts(composition, compositions_from, n, k)
+    # cheap checks first, before torch is imported (a de novo run, known once loaded, takes no compositions)
+    dng_request = composition is None and compositions_from is None
+    if not dng_request:
+        check_sample_counts(composition, compositions_from, n, k)
+    elif n < 1:
+        _fail("-n must be >= 1")
     if batch_size < 1:
         _fail(f"--batch-size must be >= 1, got {batch_size}")
     if not checkpoint.exists():
@@ -291,7 +298,13 @@ def sample_cmd(
         policy, state = load_policy(checkpoint)
         # None means "as trained"; an explicit value goes through RLConfig's own check (steps >= 2)
         steps = dataclasses.replace(policy.config, steps=steps).steps if steps is not None else policy.config.steps
-        if composition:
+        if policy.reference.is_dng != dng_request:
+            if dng_request:
+                check_sample_counts(composition, compositions_from, n, k)  # a CSP run: names what is missing
+            _fail(f"{checkpoint} is a de novo run: it generates the species; give -n (and --atoms), not compositions")
+        if dng_request:
+            template = policy.reference.dng_template(n, atoms, seed=seed)
+        elif composition:
             template = composition_batch(composition, n, max_atoms=policy.reference.config.max_atoms)
         else:
             from crystalign.data import load_dataset
@@ -301,7 +314,7 @@ def sample_cmd(
             template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    warns = composition_coverage_warnings(policy.reference, template)
+    warns = [] if dng_request else composition_coverage_warnings(policy.reference, template)
     for w in warns:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
     t0 = time.time()
@@ -433,6 +446,11 @@ def export_cmd(
         # the score variant's mean path adds σ²/(2γ)·η, and the annealing variants scale a frozen network: none of
         # them is plain Euler of one network
         _fail(f"{checkpoint}: a {policy.config.variant!r} RL run cannot be exported as a base model (only 'velocity')")
+    if policy.reference.is_dng:
+        _fail(
+            f"{checkpoint}: a de novo run integrates the species with the frozen base model's logits, which one "
+            "exported network cannot reproduce; sample it with `crystalign rl sample RUN -n N`"
+        )
     if sorted(policy.config.fields) != ["cell", "pos"]:
         # a field left out follows the frozen base network, which one exported network cannot reproduce
         _fail(f"{checkpoint}: this run reinforced only {policy.config.fields}; export needs a run on pos and cell (fields: [pos, cell])")

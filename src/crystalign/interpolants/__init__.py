@@ -18,6 +18,7 @@ from crystalign.interpolants.paths import (
     PathCoefficients,
     TrigonometricPath,
 )
+from crystalign.interpolants.species import MASK, MaskedSpecies
 from crystalign.interpolants.stochastic import (
     BIG_TIME,
     FIELDS,
@@ -47,6 +48,8 @@ __all__ = [
     "LatentGammaEncoderDecoder",
     "LatentGammaSqrt",
     "LinearPath",
+    "MASK",
+    "MaskedSpecies",
     "MirrorPath",
     "NoGamma",
     "PathCoefficients",

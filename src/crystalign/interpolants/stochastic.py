@@ -59,6 +59,7 @@ from crystalign.ops import randn_on, scatter_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from crystalign.crystal import CrystalBatch
+    from crystalign.interpolants.species import MaskedSpecies
 
 __all__ = [
     "SMALL_TIME",
@@ -80,8 +81,9 @@ BIG_TIME = 0.999
 
 #: Continuous fields of a CSP crystal, in model-output order.
 FIELDS = ("pos", "cell")
-#: Loss keys of the base model; ``<field>_b`` is the velocity loss, ``<field>_eta`` the denoiser loss.
-LOSS_KEYS = ("pos_b", "pos_eta", "cell_b", "cell_eta")
+#: Loss keys of the base model; ``<field>_b`` is the velocity loss, ``<field>_eta`` the denoiser loss, ``species``
+#: the cross-entropy of the species logits (DNG models only).
+LOSS_KEYS = ("pos_b", "pos_eta", "cell_b", "cell_eta", "species")
 
 
 # ---------------------------------------------------------------------------------------------- times
@@ -373,7 +375,8 @@ def _check_shape(name: str, pred: torch.Tensor, target: torch.Tensor | None) -> 
 
 # ---------------------------------------------------------------------------------------------- bundle
 class Interpolants:
-    """The position and lattice interpolants of a CSP model with the relative cost of every loss.
+    """The position and lattice interpolants of a model with the relative cost of every loss, and for de novo
+    (DNG) models the masked species flow (:class:`~crystalign.interpolants.species.MaskedSpecies`).
 
     ``relative_costs`` maps loss keys (:data:`LOSS_KEYS`) to weights >= 0. Every active loss (``<field>_b``
     always, ``<field>_eta`` for SDE fields) needs a cost; use 0 to switch one off. The costs are relative: they
@@ -388,10 +391,16 @@ class Interpolants:
     """
 
     def __init__(
-        self, pos: FieldInterpolant, cell: FieldInterpolant, relative_costs: Mapping[str, float] | None = None
+        self,
+        pos: FieldInterpolant,
+        cell: FieldInterpolant,
+        relative_costs: Mapping[str, float] | None = None,
+        species: "MaskedSpecies | None" = None,
     ) -> None:
         self.pos = pos
         self.cell = cell
+        #: the species flow of a DNG model; None for CSP (species given)
+        self.species = species
         active = self.active_loss_keys
         if relative_costs is None:
             relative_costs = {key: 1.0 for key in active}  # normalised below
@@ -414,6 +423,8 @@ class Interpolants:
             keys.append(f"{name}_b")
             if field.uses_denoiser:
                 keys.append(f"{name}_eta")
+        if self.species is not None:
+            keys.append("species")
         return tuple(keys)
 
     @property
@@ -451,9 +462,15 @@ class Interpolants:
         b_plus: Mapping[str, torch.Tensor],
         eta: Mapping[str, torch.Tensor] | None = None,
         b_minus: Mapping[str, torch.Tensor] | None = None,
+        species: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-key losses ``{"pos_b": ..., "pos_eta": ..., "cell_b": ...}`` for the active keys."""
+        """Per-key losses ``{"pos_b": ..., "pos_eta": ..., "cell_b": ...}`` for the active keys; a DNG model
+        passes ``species=(logits, data species)``."""
         out = {}
+        if self.species is not None:
+            if species is None:
+                raise ValueError("a DNG model trains its species: pass species=(logits, data species)")
+            out["species"] = self.species.loss(*species)
         for name, field in self.fields.items():
             sample = samples[name]
             minus = b_minus.get(name) if (b_minus is not None and sample.antithetic) else None
@@ -488,11 +505,12 @@ class Interpolants:
               epsilon: null | {kind: constant, c} | {kind: vanishing, c, mu, sigma}   # SDE fields only
               sde: false               # true: train a denoiser, sample with the SDE
               correct_com: false       # remove the per-structure mean of the velocity target
-            relative_costs: {pos_b, pos_eta, cell_b, cell_eta}   # optional, >= 0, active keys required
+            species: {kind: mask, noise: 0.1}   # DNG models only: masked discrete flow matching of the species
+            relative_costs: {pos_b, pos_eta, cell_b, cell_eta, species}   # optional, >= 0, active keys required
         """
         if not isinstance(config, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {type(config).__name__}")
-        _reject_unknown(config, ("pos", "cell", "relative_costs"), where)
+        _reject_unknown(config, ("pos", "cell", "species", "relative_costs"), where)
         if "pos" not in config:
             raise ConfigError(f"{where}: missing required key 'pos'")
         pos_cfg = config["pos"]
@@ -508,16 +526,25 @@ class Interpolants:
         costs = config.get("relative_costs")
         if costs is not None and not isinstance(costs, Mapping):
             raise ConfigError(f"{where}.relative_costs: expected a mapping, got {type(costs).__name__}")
+        species = None
+        if config.get("species") is not None:
+            from crystalign.interpolants.species import MaskedSpecies
+
+            species = MaskedSpecies.from_config(config["species"], f"{where}.species")
         try:
-            return cls(pos, cell, costs)
+            return cls(pos, cell, costs, species=species)
         except ValueError as err:
             raise ConfigError(f"{where}.relative_costs: {err}") from None
 
     def to_config(self) -> dict[str, Any]:
-        return {"pos": self.pos.to_config(), "cell": self.cell.to_config(), "relative_costs": dict(self.relative_costs)}
+        out = {"pos": self.pos.to_config(), "cell": self.cell.to_config(), "relative_costs": dict(self.relative_costs)}
+        if self.species is not None:
+            out["species"] = self.species.to_config()
+        return out
 
     def __repr__(self) -> str:
-        return f"Interpolants(pos={self.pos!r}, cell={self.cell!r}, relative_costs={self.relative_costs})"
+        extra = f", species={self.species!r}" if self.species is not None else ""
+        return f"Interpolants(pos={self.pos!r}, cell={self.cell!r}, relative_costs={self.relative_costs}{extra})"
 
 
 def _validate_costs(costs: Mapping[str, Any], active: tuple[str, ...]) -> dict[str, float]:
@@ -529,7 +556,8 @@ def _validate_costs(costs: Mapping[str, Any], active: tuple[str, ...]) -> dict[s
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"cost of {key!r} must be a finite number >= 0, got {value!r}")
         if key not in active and value != 0:
-            raise ValueError(f"{key!r} has cost {value} but that loss is not active (only SDE fields train eta)")
+            why = "only DNG models train species" if key == "species" else "only SDE fields train eta"
+            raise ValueError(f"{key!r} has cost {value} but that loss is not active ({why})")
         out[key] = float(value)
     missing = [k for k in active if k not in out]
     if missing:

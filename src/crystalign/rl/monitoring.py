@@ -86,3 +86,18 @@ def duplicate_fraction(final: CrystalBatch, group_size: int, valid: torch.Tensor
             else:
                 kept.append(s)
     return dup / total if total else 0.0
+
+
+def distinct_formula_fraction(batch: CrystalBatch) -> float:
+    """Distinct reduced formulas per structure of a batch (1: all different): a de novo policy that collapses onto
+    a few easy chemistries to hack its reward shows here first."""
+    from math import gcd
+
+    keys = set()
+    for z in batch.species.cpu().split(batch.n_atoms.cpu().tolist()):
+        elements, counts = torch.unique(z, return_counts=True)
+        g = 0
+        for c in counts.tolist():
+            g = gcd(g, c)
+        keys.add(tuple(zip(elements.tolist(), (c // max(g, 1) for c in counts.tolist()))))
+    return len(keys) / max(batch.num_structures, 1)

@@ -79,11 +79,15 @@ class Policy(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("reference.")}
 
-    def outputs(self, t: torch.Tensor, batch_like: CrystalBatch, pos: torch.Tensor, cell: torch.Tensor, edges):
+    def outputs(
+        self, t: torch.Tensor, batch_like: CrystalBatch, pos: torch.Tensor, cell: torch.Tensor, edges,
+        species: torch.Tensor | None = None,
+    ):
         """Policy outputs per field at the states (``t`` (B,) per structure); the network variants call the
-        trainable network once."""
+        trainable network once. ``species``: the current tokens of a DNG rollout (default ``batch_like``'s)."""
         if self.net is not None:
-            out = self.net(t, batch_like.species, pos, cell, batch_like.n_atoms, edges=edges)
+            species = batch_like.species if species is None else species
+            out = self.net(t, species, pos, cell, batch_like.n_atoms, edges=edges)
             return {f: FieldOutputs.from_network(out, f) for f in FIELDS}, out
         assert self.scale is not None
         s = self.scale(t)
@@ -102,6 +106,8 @@ class Trajectory:
     logp_old: list[dict[str, torch.Tensor]] = field(default_factory=list)
     ref: list[dict[str, FieldOutputs]] = field(default_factory=list)
     velocity_ratio: list[torch.Tensor] = field(default_factory=list)
+    #: the species tokens at each step of a DNG rollout (empty for CSP, whose species are the template's)
+    species: list[torch.Tensor] = field(default_factory=list)
     final: CrystalBatch | None = None
 
 
@@ -117,6 +123,10 @@ def rollout(
     """Integrate the policy from p_0 for the compositions of ``template`` (no gradients).
 
     ``noise=False`` gives the deterministic mean path (``rl sample --no-noise``).
+
+    A de novo (DNG) base model also generates the species: they start masked and are integrated passively by the
+    frozen base model (its species logits, the policy's network only sees them), as OMatG-IRL does; positions
+    and lattice are reinforced as for CSP.
     """
     ref_gen = policy.reference
     if x0 is None:
@@ -125,13 +135,15 @@ def rollout(
     edges = build_edges(x0.n_atoms)
     traj = Trajectory(template=x0, times=ts)
     pos, cell = x0.frac, x0.lattice
+    species_flow = ref_gen.interpolants.species
+    species = torch.zeros_like(x0.species) if species_flow is not None else x0.species  # DNG: all masked at t = 0
     with torch.no_grad():
         for k in range(len(ts) - 1):
             t, dt = ts[k], ts[k + 1] - ts[k]
             step = Step.on_grid(t, dt, x0)
-            raw_ref = ref_gen.net(step.t, x0.species, pos, cell, x0.n_atoms, edges=edges)
+            raw_ref = ref_gen.net(step.t, species, pos, cell, x0.n_atoms, edges=edges)
             ref = {f: FieldOutputs.from_network(raw_ref, f) for f in FIELDS}
-            out, raw_out = policy.outputs(step.t, x0, pos, cell, edges)
+            out, raw_out = policy.outputs(step.t, x0, pos, cell, edges, species=species)
             if raw_out is not None and "pos" in policy.transitions:
                 traj.velocity_ratio.append(velocity_ratio(raw_out["pos_b"], raw_ref["pos_b"], x0.batch, x0.num_structures))
             state = {"pos": pos, "cell": cell}
@@ -153,6 +165,10 @@ def rollout(
                 traj.actions.append(actions)
                 traj.logp_old.append(logps)
                 traj.ref.append({f: ref[f].detach() for f in policy.transitions})
+                if species_flow is not None:
+                    traj.species.append(species)
             pos, cell = new["pos"], new["cell"]
-    traj.final = x0.replace(frac=pos, lattice=cell, ids=template.ids)
+            if species_flow is not None:
+                species = species_flow.step(species, raw_ref["species_b"], t, dt, last=k == len(ts) - 2, generator=generator)
+    traj.final = x0.replace(frac=pos, lattice=cell, species=species, ids=template.ids)
     return traj

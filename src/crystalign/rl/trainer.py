@@ -35,7 +35,7 @@ from crystalign.provenance import versions
 from crystalign.rl.checkpoints import FORMAT, FORMAT_VERSION, check_resume, check_run_dir, load_scale_model
 from crystalign.rl.config import RLConfig
 from crystalign.rl.distributed import merge_rank_rows, rank_and_world
-from crystalign.rl.monitoring import batch_statistics
+from crystalign.rl.monitoring import batch_statistics, distinct_formula_fraction
 from crystalign.rl.objective import field_loss_terms, group_advantages, timestep_loss, validate_costs
 from crystalign.rl.policy import FieldOutputs, Step
 from crystalign.rl.rollout import Policy, Trajectory, rollout
@@ -71,6 +71,8 @@ class RLTrainer:
       (composition-only templates). It replaces ``volume_per_atom_drift``, which divided by the first validation
       pass's V/N, i.e. compared different compositions.
     * ``duplicate_fraction`` (with ``duplicate_check``), ``velocity_ratio``, PPO statistics and ``time_*_s``.
+    * ``distinct_formula_fraction`` (de novo base models): distinct reduced formulas per generated structure, so
+      a policy collapsing onto a few easy chemistries is visible.
     """
 
     def __init__(
@@ -202,7 +204,9 @@ class RLTrainer:
                     cell = torch.cat([traj.cell[k][sel] for k in ks])
                     if c not in edges_of:
                         edges_of[c] = build_edges(big.n_atoms)
-                    out, _ = policy.outputs(step.t, big, pos, cell, edges_of[c])
+                    # a DNG rollout's species at each stored step (the template's are the masked start)
+                    species = torch.cat([traj.species[k][atom_sel] for k in ks]) if traj.species else None
+                    out, _ = policy.outputs(step.t, big, pos, cell, edges_of[c], species=species)
                     big_adv = adv[sel].repeat(c)
                     terms: dict[str, torch.Tensor] = {}
                     for f, tr in policy.transitions.items():
@@ -262,7 +266,10 @@ class RLTrainer:
     ) -> dict[str, Any]:
         """Reward statistics and reward-hacking guards (keys: see the class docstring); ``template`` holds the
         dataset structures the compositions came from."""
-        return batch_statistics(final, rewards, info, group_size, template, duplicate_check=self.config.duplicate_check)
+        row = batch_statistics(final, rewards, info, group_size, template, duplicate_check=self.config.duplicate_check)
+        if self.policy.reference.is_dng:
+            row["distinct_formula_fraction"] = distinct_formula_fraction(final)
+        return row
 
     # ----------------------------------------------------------------- validation
     @torch.no_grad()

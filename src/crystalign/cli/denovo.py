@@ -1,0 +1,86 @@
+"""``crystalign generate``: new crystals from a de novo (DNG) model, species included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from crystalign.cli.common import check_device_name, check_model, check_output_parent, fail as _fail, threads_option, use_threads
+
+# no torch here: see crystalign/cli/__init__.py
+
+
+def generate_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="A de novo (DNG) model: shipped name (e.g. perov_5_dng) or checkpoint path."),
+    n: int = typer.Option(..., "-n", help="Number of crystals to generate."),
+    out: Path = typer.Option(Path("generated"), "--out", "-o", help="Output folder: CIFs, structures.extxyz, samples.json."),
+    atoms: Optional[int] = typer.Option(
+        None, "--atoms", help="Atoms per crystal (default: drawn from the training crystals' sizes)."
+    ),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Integration time points (default: the model's)."),
+    method: Optional[str] = typer.Option(None, "--method", help="euler, heun or sde."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Crystals per network batch."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    trajectory: bool = typer.Option(False, "--trajectory", help="Also write every integration step (trajectory.extxyz)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT from its last finished batch."),
+    threads: Optional[int] = threads_option(),
+) -> None:
+    """Generate new crystals (species, positions and lattice) with a de novo model.
+
+    Examples:
+      crystalign generate --model perov_5_dng -n 1000 --out gen/
+      crystalign evaluate gen/ --dng --reference perov_5      # validity, coverage, novelty, ...
+    """
+    from crystalign.cli.generate import check_device, check_sample_folder, report_samples, run_sampling
+    from crystalign.io import OutputPathError, check_output_dir
+
+    used_threads = use_threads(threads)
+    if n < 1:
+        _fail(f"-n must be >= 1, got {n}")
+    if atoms is not None and atoms < 1:
+        _fail(f"--atoms must be >= 1, got {atoms}")
+    if steps is not None and steps < 2:
+        _fail(f"--steps must be >= 2 time points, got {steps}")
+    check_model(model)
+    check_device_name(device, "--device")
+    check_output_parent(out)
+
+    from crystalign.generator import Generator
+
+    torch_device = check_device(device)
+    try:
+        gen = Generator.load(model).to(torch_device)
+        if not gen.is_dng:
+            raise ValueError(
+                f"{model} is a crystal structure prediction (CSP) model: it needs compositions (`crystalign sample "
+                "--composition ...`); `generate` needs a de novo (DNG) model such as perov_5_dng"
+            )
+        template = gen.dng_template(n, atoms, seed=seed)
+        overrides = dict(steps=steps, method=method)
+        gen.sampler(**overrides)  # checks the settings against this model
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    try:
+        check_output_dir(out)
+        check_sample_folder(out, resume)
+    except (OutputPathError, FileExistsError) as err:
+        _fail(str(err))
+    try:
+        result = run_sampling(
+            gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides,
+            model_name=model, resume=resume,
+            extra_record={"device": str(torch_device), "threads": used_threads, "mode": "dng", "atoms": atoms},
+        )
+    except ValueError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        kept = len(list((out / ".sampling").glob("batch_*.pt")))
+        _fail(f"interrupted; {kept} finished batch(es) kept in {out / '.sampling'}: rerun the same command with --resume", code=130)
+    report_samples(out, result["n"], result["n_valid"], result["wall_s"])
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_cmd)
