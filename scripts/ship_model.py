@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from crystalign.generator import Generator, load_checkpoint_file, pretrained_dir
+from crystalign.generator import Generator, pretrained_dir
+from crystalign.model.checkpoint import read_checkpoint_file
 from crystalign.io import save_torch, write_json
 
 
@@ -23,9 +24,16 @@ def main() -> None:
     ap.add_argument("--dng-eval", default=None, help="JSON written by bench/dng_eval.py (de novo models)")
     ap.add_argument("--command", default="")
     ap.add_argument("--description", default="")
+    ap.add_argument(
+        "--sampling", nargs="*", default=[], metavar="KEY=VALUE",
+        help="default sampler settings to ship with the model (e.g. anneal_pos=2), chosen on the dev split",
+    )
     args = ap.parse_args()
-    ckpt = load_checkpoint_file(args.model)
+    ckpt = read_checkpoint_file(args.model)
     ckpt = ckpt.get("generator", ckpt)
+    for item in args.sampling:
+        key, _, value = item.partition("=")
+        ckpt["config"]["sampling"][key] = type(ckpt["config"]["sampling"][key])(float(value) if "." in value or key.startswith("anneal") else value)
     gen = Generator.from_checkpoint_dict(ckpt, where=args.model)  # validates before shipping
     prov = ckpt.get("provenance", {})
     card = {
@@ -41,6 +49,7 @@ def main() -> None:
         "coverage": gen.coverage,
         "parameters": sum(p.numel() for p in gen.net.parameters()),
         "model_hash": gen.model_hash(),
+        "sampling": ckpt["config"]["sampling"],
     }
     if args.eval:
         ev = json.loads(Path(args.eval).read_text())

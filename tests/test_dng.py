@@ -259,3 +259,22 @@ def test_dng_rl_first_epoch_ratio_is_one_and_diversity_is_logged(dng_model, tmp_
     assert bad.exit_code != 0 and "de novo run" in bad.output
     bad = runner.invoke(app, ["rl", "export", str(tmp_path / "last.pt"), "--out", str(tmp_path / "x.pt")])
     assert bad.exit_code != 0 and "de novo run" in bad.output
+
+
+def test_generation_keeps_to_the_training_elements_or_the_ones_given(dng_model, tmp_path):
+    gen = Generator.load(dng_model[0])
+    trained = set(gen.coverage["elements"])
+    from pymatgen.core.periodic_table import Element
+
+    made = gen.generate(40, seed=1, steps=5)
+    assert {Element.from_Z(z).symbol for z in made.species.tolist()} <= trained
+    chosen = ["Sr", "Ti", "O", "N"]
+    made = gen.generate(20, seed=1, steps=5, elements=chosen)
+    assert {Element.from_Z(z).symbol for z in made.species.tolist()} <= set(chosen)
+    with pytest.raises(ValueError, match="not an element symbol"):
+        gen.generate(2, elements=["Xx"])
+    res = CliRunner().invoke(app, ["generate", "-m", str(dng_model[0]), "-n", "6", "--steps", "4", "--elements", "Ba,Zr,S",
+                                   "--out", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "g" / "samples.json").read_text())
+    assert record["sampler"]["elements"] == [16, 40, 56] and record["elements"] == ["Ba", "Zr", "S"]

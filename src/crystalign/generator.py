@@ -111,8 +111,15 @@ class Generator(torch.nn.Module):
         p = next(self.net.parameters())
         return self.base.sample(species.to(p.device), n_atoms.to(p.device), generator=generator, dtype=p.dtype, device=p.device)
 
-    def sampler(self, schedule: "VelocitySchedule | str | Path | bool | None" = None, **overrides) -> Sampler:
+    def sampler(
+        self, schedule: "VelocitySchedule | str | Path | bool | None" = None, elements: "str | Sequence[str] | None" = None,
+        **overrides,
+    ) -> Sampler:
         """A sampler with this model's defaults, ``overrides`` (None = default) and velocity schedule.
+
+        ``elements`` (DNG models): the elements new crystals may contain — ``None`` = those of the training
+        crystals (the default: an element the model never saw has an untrained logit), ``"all"`` = any of the
+        100, or a list of symbols (a chemical space to search, e.g. ``["Sr", "Ba", "Ti", "O", "N"]``).
 
         ``schedule``: None or True = the model's own (if it carries one), False = none, a path = the s(t) of a
         velocity-annealing RL checkpoint (learned for this model), or a :class:`VelocitySchedule`. With a
@@ -123,7 +130,32 @@ class Generator(torch.nn.Module):
         if sched is not None:
             cfg["steps"] = sched.steps
         cfg.update({k: v for k, v in overrides.items() if v is not None})
-        return Sampler(self.net, self.interpolants, SamplerConfig(**cfg), schedule=sched)
+        allowed = self.element_mask(elements) if self.is_dng else None
+        return Sampler(self.net, self.interpolants, SamplerConfig(**cfg), schedule=sched, elements=allowed)
+
+    def element_mask(self, elements: "str | Sequence[str] | None" = None) -> torch.Tensor | None:
+        """(100,) bool mask (index Z - 1) of the elements a DNG model may generate; see :meth:`sampler`."""
+        from pymatgen.core.periodic_table import Element
+
+        if isinstance(elements, str) and elements == "all":
+            return None
+        if elements is None:
+            elements = (self.coverage or {}).get("elements")
+            if not elements:  # no record of the training elements (e.g. imported weights): any element
+                return None
+        elif isinstance(elements, str):
+            raise ValueError(f"elements must be None, 'all' or a list of element symbols, got {elements!r}")
+        mask = torch.zeros(MAX_ATOMIC_NUMBER, dtype=torch.bool)
+        for symbol in elements:
+            if not isinstance(symbol, str) or not Element.is_valid_symbol(symbol):
+                raise ValueError(f"elements: {symbol!r} is not an element symbol")
+            z = Element(symbol).Z
+            if z > MAX_ATOMIC_NUMBER:
+                raise ValueError(f"elements: {symbol} (Z = {z}) is beyond the model's {MAX_ATOMIC_NUMBER} elements")
+            mask[z - 1] = True
+        if not mask.any():
+            raise ValueError("elements: give at least one element")
+        return mask
 
     def resolve_schedule(self, schedule: "VelocitySchedule | str | Path | bool | None" = None) -> "VelocitySchedule | None":
         """The velocity schedule a ``schedule`` argument of :meth:`sampler` stands for (checked for this model)."""
@@ -203,6 +235,8 @@ class Generator(torch.nn.Module):
         ``atoms``: atoms per crystal (one count for all, or one per crystal); default: drawn from the training
         crystals. One random stream runs through the batches, so a seed reproduces the same crystals for the same
         ``n``, ``atoms`` and ``batch_size``. ``callback(done, total)`` is called after every batch.
+        ``elements``: the elements new crystals may contain (default: the training crystals'; ``"all"``; or a
+        list of symbols), and the other ``sampler_overrides`` (steps, method, ...): see :meth:`sampler`.
         """
         if not self.is_dng:
             raise ValueError(

@@ -89,8 +89,13 @@ def drift(
 class Sampler:
     """Integrate x0 (base distribution sample) to t ≈ 1 with the learned velocity (and denoiser)."""
 
-    def __init__(self, net: torch.nn.Module, interpolants, config: SamplerConfig | None = None, schedule: "VelocitySchedule | None" = None):
+    def __init__(
+        self, net: torch.nn.Module, interpolants, config: SamplerConfig | None = None, schedule: "VelocitySchedule | None" = None,
+        elements: torch.Tensor | None = None,
+    ):
         self.net = net
+        #: DNG models: (100,) bool mask of the elements the species flow may draw (None: any)
+        self.elements = elements
         self.interpolants = interpolants
         self.config = config or SamplerConfig()
         #: learned velocity multipliers 1 + s(t); replaces constant annealing
@@ -156,7 +161,9 @@ class Sampler:
             new["pos"] = wrap(new["pos"])
             state = new
             if species_flow is not None:
-                species = species_flow.step(species, out["species_b"], t, dt, last=k == len(ts) - 2, generator=generator)
+                species = species_flow.step(
+                    species, out["species_b"], t, dt, last=k == len(ts) - 2, generator=generator, allowed=self.elements
+                )
             if trajectory:
                 traj.append(x0.replace(frac=state["pos"].clone(), lattice=state["cell"].clone(), species=species))
             if callback is not None:

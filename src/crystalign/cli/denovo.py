@@ -19,6 +19,11 @@ def generate_cmd(
     atoms: Optional[int] = typer.Option(
         None, "--atoms", help="Atoms per crystal (default: drawn from the training crystals' sizes)."
     ),
+    elements: Optional[str] = typer.Option(
+        None, "--elements",
+        help="Elements the crystals may contain: comma-separated symbols (e.g. Sr,Ba,Ti,O,N), or 'all' (default: "
+        "the training crystals' elements).",
+    ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Integration time points (default: the model's)."),
     method: Optional[str] = typer.Option(None, "--method", help="euler, heun or sde."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Crystals per network batch."),
@@ -59,7 +64,8 @@ def generate_cmd(
                 "--composition ...`); `generate` needs a de novo (DNG) model such as perov_5_dng"
             )
         template = gen.dng_template(n, atoms, seed=seed)
-        overrides = dict(steps=steps, method=method)
+        chosen = elements if elements in (None, "all") else [e.strip() for e in elements.split(",") if e.strip()]
+        overrides = dict(steps=steps, method=method, elements=chosen)
         gen.sampler(**overrides)  # checks the settings against this model
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
@@ -72,7 +78,8 @@ def generate_cmd(
         result = run_sampling(
             gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides,
             model_name=model, resume=resume,
-            extra_record={"device": str(torch_device), "threads": used_threads, "mode": "dng", "atoms": atoms},
+            extra_record={"device": str(torch_device), "threads": used_threads, "mode": "dng", "atoms": atoms,
+                          "elements": chosen or "training"},
         )
     except ValueError as err:
         _fail(str(err))

@@ -259,6 +259,8 @@ def run_sampling(
     sampler = gen.sampler(**overrides)
     # what was integrated: the model's defaults, the overrides, and the velocity schedule (None: none)
     sampler_cfg = {**vars(sampler.config), "schedule": sampler.schedule.record() if sampler.schedule is not None else None}
+    if getattr(sampler, "elements", None) is not None:  # a DNG model's element restriction (atomic numbers)
+        sampler_cfg["elements"] = (torch.nonzero(sampler.elements).squeeze(-1) + 1).tolist()
     layout = hashlib.sha256(repr((template.species.tolist(), template.n_atoms.tolist(), template.ids)).encode()).hexdigest()
     run = {"model_hash": gen.model_hash(), "seed": seed, "sampler": sampler_cfg, "batch_size": batch_size,
            "trajectory": trajectory, "dtype": str(p.dtype), "compositions_sha256": layout}

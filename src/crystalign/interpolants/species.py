@@ -68,9 +68,14 @@ class MaskedSpecies:
         dt: float,
         last: bool = False,
         generator: torch.Generator | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tokens after one step of size ``dt`` from time ``t``; ``last`` unmasks everything still masked."""
-        probs = torch.softmax(logits.double(), dim=-1)
+        """Tokens after one step of size ``dt`` from time ``t``; ``last`` unmasks everything still masked.
+        ``allowed``: a (100,) bool mask of the elements that may be drawn (Z - 1), the others get probability 0."""
+        logits = logits.double()
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
         x1_hat = _multinomial(probs, generator) + 1
         masked = x_t == MASK
         if last:

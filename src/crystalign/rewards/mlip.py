@@ -503,7 +503,9 @@ class CHGNetBackend(MLIPBackend):
     def ase_calculator(self) -> Any:
         from chgnet.model.dynamics import CHGNetCalculator
 
-        return CHGNetCalculator(model=self._load(), use_device=str(self.device))
+        # the calculator would set the shared model's isolated-atom response to "warn", after which an isolated atom
+        # gets a finite (meaningless) energy in every later batch instead of NaN: keep it an error
+        return CHGNetCalculator(model=self._load(), use_device=str(self.device), on_isolated_atoms="error")
 
     @_keeps_global_rng
     def _load(self) -> Any:

@@ -137,6 +137,7 @@ def rollout(
     pos, cell = x0.frac, x0.lattice
     species_flow = ref_gen.interpolants.species
     species = torch.zeros_like(x0.species) if species_flow is not None else x0.species  # DNG: all masked at t = 0
+    allowed = ref_gen.element_mask() if species_flow is not None else None  # as the base sampler: trained elements
     with torch.no_grad():
         for k in range(len(ts) - 1):
             t, dt = ts[k], ts[k + 1] - ts[k]
@@ -169,6 +170,8 @@ def rollout(
                     traj.species.append(species)
             pos, cell = new["pos"], new["cell"]
             if species_flow is not None:
-                species = species_flow.step(species, raw_ref["species_b"], t, dt, last=k == len(ts) - 2, generator=generator)
+                species = species_flow.step(
+                    species, raw_ref["species_b"], t, dt, last=k == len(ts) - 2, generator=generator, allowed=allowed
+                )
     traj.final = x0.replace(frac=pos, lattice=cell, species=species, ids=template.ids)
     return traj
