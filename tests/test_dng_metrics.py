@@ -288,3 +288,22 @@ def test_broad_composition_scaler_is_the_default_and_closer_than_the_reference_o
     assert len(means) == len(stds) == 132 and all(s >= 0 for s in stds) and sum(s > 0 for s in stds) > 100
     with pytest.raises(ValueError, match="comp_scaler must be"):
         dng_metrics(gen[:2], ref[:2], dataset="perov_5", comp_scaler="narrow")
+
+
+def test_cli_dng_report_lists_every_crystal_with_its_verdicts(perov, tmp_path):
+    from crystalign.cli import app
+
+    gen_structures = perov[:6] + [_perturbed(perov[6], np.random.default_rng(0))]
+    gen = _cif_folder(gen_structures, tmp_path / "gen")
+    ref = _cif_folder(perov[:20], tmp_path / "ref")
+    report = tmp_path / "report.html"
+    res = CliRunner().invoke(app, ["evaluate", str(gen), "--dng", "-r", str(ref), "--training", str(ref),
+                                   "--cov-cutoffs", "0.2,4", "--no-progress", "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    page = report.read_text()
+    assert page.count("<tr class=") == 7  # one row per crystal
+    for s in gen_structures:
+        assert s.composition.reduced_formula in page
+    assert "data:image/png;base64," in page and "cov_recall" in page and "Provenance" in page
+    bad = CliRunner().invoke(app, ["evaluate", str(gen), "-r", str(ref), "--report", str(report)])
+    assert bad.exit_code != 0 and "--report applies to --dng only" in bad.output

@@ -131,6 +131,11 @@ def evaluate(
     fingerprint_cache: Optional[Path] = typer.Option(
         None, "--fingerprint-cache", dir_okay=False, help="--dng: .npz file caching the reference fingerprints."
     ),
+    report: Optional[Path] = typer.Option(
+        None, "--report", dir_okay=False,
+        help="--dng: also write an HTML report: the metrics, histograms against the reference set, and every crystal "
+        "with its validity, novelty and E-hull.",
+    ),
 ) -> None:
     """Match rate, RMSE, cRMSE, METRe and validity of generated structures vs references (same-index pairs);
     with --dng, de novo generation metrics."""
@@ -140,12 +145,12 @@ def evaluate(
     if dng:
         _evaluate_dng(
             ctx, generated, str(reference), training, hull, cov_cutoffs, stable_threshold, max_reference, comp_scaler,
-            fingerprint_cache, as_json, out, progress, data_root,
+            fingerprint_cache, as_json, out, progress, data_root, report,
         )
         return
     for name, flag in (("training", "--training"), ("hull", "--hull"), ("cov_cutoffs", "--cov-cutoffs"),
                        ("stable_threshold", "--stable-threshold"), ("max_reference", "--max-reference"),
-                       ("comp_scaler", "--comp-scaler"), ("fingerprint_cache", "--fingerprint-cache")):
+                       ("comp_scaler", "--comp-scaler"), ("fingerprint_cache", "--fingerprint-cache"), ("report", "--report")):
         if _given(ctx, name):
             _fail(f"{flag} applies to --dng only")
     checkpoint = None
@@ -226,7 +231,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 def _evaluate_dng(
     ctx, generated: Path, reference: str, training: Optional[str], hull: Optional[Path], cov_cutoffs: Optional[str],
     stable_threshold: float, max_reference: Optional[int], comp_scaler: Optional[str], fingerprint_cache: Optional[Path],
-    as_json: bool, out: Optional[Path], progress: bool, data_root: Optional[Path],
+    as_json: bool, out: Optional[Path], progress: bool, data_root: Optional[Path], report: Optional[Path] = None,
 ) -> None:
     """``evaluate --dng``: cheap checks first, then the inputs, then the metrics (which import torch and pymatgen)."""
     from crystalign.io import OutputPathError, check_output_file, remove_stale_parts, write_json
@@ -261,6 +266,11 @@ def _evaluate_dng(
         except OutputPathError as exc:
             _fail(f"--out: {exc}")
         remove_stale_parts(out.parent, names=[out.name])
+    if report is not None:
+        try:  # up front: a bad --report must not surface only after all the fingerprints
+            check_output_file(report)
+        except OutputPathError as exc:
+            _fail(f"--report: {exc}")
     dataset = _dataset_of(reference)
     if thresholds is None and dataset is None:
         typer.echo(
@@ -290,6 +300,7 @@ def _evaluate_dng(
     if unreadable:
         typer.echo(f"{len(unreadable)} generated structure(s) unreadable, counted invalid: {', '.join(unreadable[:10])}", err=True)
     from crystalign.dng_metrics import dng_metrics, energies_above_hull  # after the inputs: imports torch, pymatgen
+    from crystalign.dng_report import write_dng_report
     from crystalign.provenance import versions
 
     e_hull = None
@@ -310,16 +321,23 @@ def _evaluate_dng(
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         typer.echo(result.summary())
-    if out is not None:
+    provenance = {
+        "generated": str(generated), "reference": reference, "training": training_used, "hull": None if hull is None else str(hull),
+        "cov_cutoffs_from": "--cov-cutoffs" if thresholds else (f"CDVAE ({dataset})" if dataset else None),
+        "comp_scaler": str(comp_scaler) if comp_scaler else "broad",
+        "max_reference": max_reference, "command": " ".join(sys.argv), "versions": versions(),
+    }
+    for path, write in (
+        (out, lambda p: write_json(p, {**result.to_dict(details=True), "provenance": provenance})),
+        (report, lambda p: write_dng_report(p, result, gen, ref, names=gen_names, title=f"De novo crystals: {generated}",
+                                            provenance=provenance)),
+    ):
+        if path is None:
+            continue
         try:
-            write_json(out, {**result.to_dict(details=True), "provenance": {
-                "generated": str(generated), "reference": reference, "training": training_used, "hull": None if hull is None else str(hull),
-                "cov_cutoffs_from": "--cov-cutoffs" if thresholds else (f"CDVAE ({dataset})" if dataset else None),
-                "comp_scaler": str(comp_scaler) if comp_scaler else "broad",
-                "max_reference": max_reference, "command": " ".join(sys.argv), "versions": versions(),
-            }})
+            write(path)
         except OSError as exc:
-            typer.secho(f"error: cannot write {out}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: cannot write {path}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
 
 
