@@ -8,6 +8,8 @@ The card records the training command, data checksum, seed, versions, held-out m
 from __future__ import annotations
 
 import argparse
+
+import yaml
 import json
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def main() -> None:
     ckpt = ckpt.get("generator", ckpt)
     for item in args.sampling:
         key, _, value = item.partition("=")
-        ckpt["config"]["sampling"][key] = type(ckpt["config"]["sampling"][key])(float(value) if "." in value or key.startswith("anneal") else value)
+        ckpt["config"]["sampling"][key] = yaml.safe_load(value)  # typed as in a config file: 100, 2.0, euler
     gen = Generator.from_checkpoint_dict(ckpt, where=args.model)  # validates before shipping
     prov = ckpt.get("provenance", {})
     card = {

@@ -104,6 +104,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from crystalign.matching import BENCHMARK_TOLERANCES, make_matcher
+from crystalign.metrics import _as_structures
 
 if TYPE_CHECKING:  # pragma: no cover
     from pymatgen.core import Composition, Structure
@@ -305,9 +306,9 @@ def dng_metrics(
             ``smact_validity`` with the ICSD-24 states, smact >= 3's default, as OMatG uses).
         seed: for the ``max_reference`` subset.
     """
-    gen = _as_list(generated, "generated")
-    ref = _as_list(reference, "reference")
-    train = None if training is None else _as_list(training, "training")
+    gen = _as_structures(generated, "generated")
+    ref = _as_structures(reference, "reference")
+    train = None if training is None else _as_structures(training, "training")
     if not gen:
         raise ValueError("no generated structures given")
     if not ref:
@@ -460,16 +461,6 @@ def cdvae_cutoffs(dataset: str) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------- internals
-
-
-def _as_list(items, what: str) -> list:
-    from pymatgen.core import Structure
-
-    if hasattr(items, "to_structures"):
-        return items.to_structures()
-    if isinstance(items, Structure):  # iterating it would give its sites
-        raise TypeError(f"{what}: give a list of Structures (or a CrystalBatch), not a single Structure")
-    return list(items)
 
 
 def _cutoffs(thresholds, dataset) -> tuple[float, float] | None:

@@ -134,7 +134,7 @@ class Sampler:
         cfg = self.config
         fnet = FieldNet(self.net, x0.species, x0.n_atoms)
         ts = time_grid(cfg.steps, dtype=torch.float64).tolist()
-        species_flow = getattr(self.interpolants, "species", None)
+        species_flow = self.interpolants.species
         species = x0.species
         state = {"pos": wrap(x0.frac), "cell": x0.lattice.clone()}
         traj = [x0.replace(frac=state["pos"].clone(), lattice=state["cell"].clone())] if trajectory else []

@@ -39,7 +39,7 @@ def generate_cmd(
       crystalign generate --model perov_5_dng -n 1000 --out gen/
       crystalign evaluate gen/ --dng --reference perov_5      # validity, coverage, novelty, ...
     """
-    from crystalign.cli.generate import check_device, check_sample_folder, report_samples, run_sampling
+    from crystalign.cli.generate import check_device, check_sample_folder, sample_and_report
     from crystalign.io import OutputPathError, check_output_dir
 
     used_threads = use_threads(threads)
@@ -74,19 +74,12 @@ def generate_cmd(
         check_sample_folder(out, resume)
     except (OutputPathError, FileExistsError) as err:
         _fail(str(err))
-    try:
-        result = run_sampling(
-            gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides,
-            model_name=model, resume=resume,
-            extra_record={"device": str(torch_device), "threads": used_threads, "mode": "dng", "atoms": atoms,
-                          "elements": chosen or "training"},
-        )
-    except ValueError as err:
-        _fail(str(err))
-    except KeyboardInterrupt:
-        kept = len(list((out / ".sampling").glob("batch_*.pt")))
-        _fail(f"interrupted; {kept} finished batch(es) kept in {out / '.sampling'}: rerun the same command with --resume", code=130)
-    report_samples(out, result["n"], result["n_valid"], result["wall_s"])
+    sample_and_report(
+        gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides,
+        model_name=model, resume=resume,
+        extra_record={"device": str(torch_device), "threads": used_threads, "mode": "dng", "atoms": atoms,
+                      "elements": chosen or "training"},
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -260,17 +260,15 @@ def _evaluate_dng(
             scaler = ([float(x) for x in data["means"]], [float(x) for x in data["stds"]])
         except (ValueError, KeyError, TypeError) as exc:
             _fail(f"--comp-scaler {comp_scaler}: expected JSON {{\"means\": [...], \"stds\": [...]}} ({exc})")
+    # up front: a bad --out or --report must not surface only after all the fingerprints
+    for path, flag in ((out, "--out"), (report, "--report")):
+        if path is not None:
+            try:
+                check_output_file(path)
+            except OutputPathError as exc:
+                _fail(f"{flag}: {exc}")
     if out is not None:
-        try:
-            check_output_file(out)
-        except OutputPathError as exc:
-            _fail(f"--out: {exc}")
         remove_stale_parts(out.parent, names=[out.name])
-    if report is not None:
-        try:  # up front: a bad --report must not surface only after all the fingerprints
-            check_output_file(report)
-        except OutputPathError as exc:
-            _fail(f"--report: {exc}")
     dataset = _dataset_of(reference)
     if thresholds is None and dataset is None:
         typer.echo(

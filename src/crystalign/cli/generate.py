@@ -170,11 +170,16 @@ def sample_cmd(
     warns = composition_coverage_warnings(gen, template)
     for w in warns:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+    sample_and_report(
+        gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides,
+        model_name=model, resume=resume, extra_record={"device": str(torch_device), "threads": used_threads, "coverage_warnings": warns},
+    )
+
+
+def sample_and_report(gen, template, out: Path, **kwargs) -> None:
+    """:func:`run_sampling` for a command: clean errors, a resumable interruption, and the closing report."""
     try:
-        result = run_sampling(
-            gen, template, out, seed=seed, batch_size=batch_size, trajectory=trajectory, overrides=overrides,
-            model_name=model, resume=resume, extra_record={"device": str(torch_device), "threads": used_threads, "coverage_warnings": warns},
-        )
+        result = run_sampling(gen, template, out, **kwargs)
     except ValueError as err:
         _fail(str(err))
     except KeyboardInterrupt:
