@@ -7,6 +7,7 @@ the generated and the reference structure pass the reward's trust checks (validi
 rejected fraction of generated structures is reported beside, with the match rate.
 
     python bench/energy_gap.py perov_5 --rl runs/rl_perov_energy/best.pt --out bench/results/energy_gap_perov_5.json
+    python bench/energy_gap.py perov_5 --models perov_5_energy      # an RL-tuned model, from the same x0
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="base model (shipped name or checkpoint)")
     ap.add_argument("--rl", nargs="*", default=[], help="RL checkpoints (energy reward) to compare with the base sampler")
+    ap.add_argument("--models", nargs="*", default=[], help="other models (e.g. RL-tuned ones) sampled from the same x0, plain Euler")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--backend", default="sevenn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--relax", action="store_true", help="also the gap after relaxing both structures of every pair (FIRE, cell too)")
+    ap.add_argument("--relax-steps", type=int, default=200)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,14 +65,37 @@ def main() -> None:
     template = hold.to(dtype=torch.float32)
     reward = EnergyReward(args.backend)
     e_ref = reward(hold).info["energy_per_atom_ev"].numpy()
+    relaxed_energy = None
+    if args.relax:
+        from crystalign.relax import relax_batch
+        from crystalign.rewards.mlip import get_backend
+
+        backend = get_backend(args.backend)
+
+        def relaxed_energy(batch, trusted: np.ndarray) -> np.ndarray:
+            """Energy per atom after relaxation of the trusted structures (NaN: untrusted or not converged)."""
+            atoms = batch.to("cpu").to_atoms()
+            idx = np.flatnonzero(trusted)
+            out = np.full(len(atoms), np.nan)
+            for i, a in zip(idx, relax_batch([atoms[i] for i in idx], backend, steps=args.relax_steps, progress=True)):
+                if a.info["relax_status"] == "converged":
+                    out[i] = a.info["relax_energy_ev"] / len(a)
+            return out
+
+        e_ref_relaxed = relaxed_energy(hold, np.isfinite(e_ref))
     x0 = gen.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(args.seed))
     runs = {"base_sampler": lambda: gen.sampler(steps=args.steps, schedule=False).sample(x0)}
+    for name in args.models:
+        runs[name] = lambda m=Generator.load(name): m.sampler(steps=args.steps, schedule=False).sample(x0)
     for path in args.rl:
         policy, _ = load_policy(path)
         g = lambda: torch.Generator().manual_seed(args.seed + 1)  # noqa: E731
         runs[f"{path}:stochastic"] = lambda p=policy: rollout(p, template, args.steps, g(), store=False, x0=x0).final
         runs[f"{path}:no_noise"] = lambda p=policy: rollout(p, template, args.steps, g(), store=False, noise=False, x0=x0).final
     rows = [{"sampler": "reference", "energy_per_atom_ev_mean": float(np.nanmean(e_ref)), "rejected_fraction": float(np.isnan(e_ref).mean())}]
+    if relaxed_energy is not None:
+        rows[0]["relaxed_energy_per_atom_ev_mean"] = float(np.nanmean(e_ref_relaxed))
+        rows[0]["relax_not_converged_fraction"] = float(np.isnan(e_ref_relaxed).mean())
     print(json.dumps(rows[0]), flush=True)
     for name, run in runs.items():
         t0 = time.time()
@@ -77,6 +104,8 @@ def main() -> None:
         e_gen = reward(batch).info["energy_per_atom_ev"].numpy()
         m = csp_metrics(batch, hold, n_workers=1, progress=False, timeout=60)
         row = {"sampler": name, **gap_stats(e_gen, e_ref), "match_rate": m.match_rate, "rmse": m.rmse, "valid_rate": m.valid_rate, "seconds": time.time() - t0}
+        if relaxed_energy is not None:  # pairs where both relaxations converged
+            row["relaxed"] = gap_stats(relaxed_energy(batch, np.isfinite(e_gen)), e_ref_relaxed)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

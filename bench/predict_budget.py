@@ -3,9 +3,13 @@
 Two ways to spend the same number of MLIP energy evaluations before relaxation:
 
   (a) ``best_of_n``: ``predict(..., rl_steps=0, n=N)``, N base-model samples, N = the RL run's count below;
+  (b) ``tuned_best_of_n``: as (a) with the RL-tuned model of the base (``--tuned perov_5=perov_5_energy``);
   (c) ``rl``: ``predict(..., rl_steps=--rl-steps)``: n base samples, rl_steps iterations of rl_groups x
       rl_group_size trajectories, n samples of the reinforced policy, i.e. n + rl_steps * rl_groups * rl_group_size
-      + n evaluations (704 with --rl-steps 20 and the other defaults of :class:`crystalign.prediction.PredictOptions`).
+      + n evaluations (704 with --rl-steps 20 and the other defaults of :class:`crystalign.prediction.PredictOptions`);
+  (d) ``tuned_rl``: as (c), starting from the RL-tuned model.
+
+``--methods`` picks the arms (default: all whose model exists); every arm is compared with (a).
 
 Both relax their lowest-energy distinct candidates (default relax options). Per query and method the script
 records the lowest trusted relaxed energy per atom, the MLIP calls it made (counted on the backend: energy
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 TIE_EV = 1e-3  # |difference| below 1 meV/atom is a tie
-METHODS = ("best_of_n", "rl")
+METHODS = ("best_of_n", "rl", "tuned_best_of_n", "tuned_rl")
 ALLOTROPES = ("diamond", "lonsdaleite", "graphite")
 
 
@@ -175,8 +179,9 @@ def run_one(
     from crystalign.prediction import PredictOptions, predict
 
     defaults = PredictOptions()
-    options: dict[str, Any] = {"model": query["model"], "seed": query["seed"], "rl_steps": rl_steps}
-    if method == "best_of_n":
+    model = query["tuned_model"] if method.startswith("tuned_") else query["model"]
+    options: dict[str, Any] = {"model": model, "seed": query["seed"], "rl_steps": rl_steps}
+    if method.endswith("best_of_n"):
         options.update(rl_steps=0, n=n_equal)
     n, rl_steps = options.get("n", defaults.n), options.get("rl_steps", defaults.rl_steps)
     nominal = n + (rl_steps * defaults.rl_groups * defaults.rl_group_size + n if rl_steps else 0)
@@ -198,7 +203,7 @@ def run_one(
         "dataset": query["dataset"],
         "query": query["id"],
         "composition": query["composition"],
-        "model": query["model"],
+        "model": model,
         "seed": query["seed"],
         "method": method,
         "n": n,
@@ -259,31 +264,20 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per dataset: each arm against best-of-N on the queries both ran (lower best relaxed energy, ties within
+    1 meV/atom), and each arm's means."""
     out: dict[str, Any] = {}
     for dataset in sorted({r["dataset"] for r in rows}):
         by_query: dict[str, dict[str, dict[str, Any]]] = {}
         for r in rows:
             if r["dataset"] == dataset:
                 by_query.setdefault(r["query"], {})[r["method"]] = r
-        pairs = [q for q in by_query.values() if all(m in q for m in METHODS)]
-        rl_better = bon_better = ties = no_answer = 0
-        diffs = []
-        for q in pairs:
-            e_rl, e_bon = q["rl"]["best_energy_per_atom_ev"], q["best_of_n"]["best_energy_per_atom_ev"]
-            if e_rl is None or e_bon is None:
-                no_answer += 1
-                continue
-            d = e_rl - e_bon
-            diffs.append(d)
-            if d < -TIE_EV:
-                rl_better += 1
-            elif d > TIE_EV:
-                bon_better += 1
-            else:
-                ties += 1
-        per_method = {}
+        versus: dict[str, Any] = {}
+        per_method: dict[str, Any] = {}
         for m in METHODS:
-            sel = [q[m] for q in pairs]
+            sel = [q[m] for q in by_query.values() if m in q]
+            if not sel:
+                continue
             stages: dict[str, list[float]] = {}
             for r in sel:
                 for k, v in (r.get("stage_seconds") or {}).items():
@@ -302,15 +296,32 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             }
             if dataset == "carbon":
                 per_method[m]["allotropes_found_top5"] = {q: q_rows[m]["allotropes_found_top5"] for q, q_rows in by_query.items() if m in q_rows}
-        out[dataset] = {
-            "paired_queries": len(pairs),
-            "rl_lower_by_more_than_1_mev": rl_better,
-            "best_of_n_lower_by_more_than_1_mev": bon_better,
-            "ties_within_1_mev": ties,
-            "pairs_without_answer": no_answer,
-            "mean_rl_minus_best_of_n_mev_per_atom": None if not diffs else 1000.0 * sum(diffs) / len(diffs),
-            "methods": per_method,
-        }
+            if m == "best_of_n":
+                continue
+            pairs = [q for q in by_query.values() if m in q and "best_of_n" in q]
+            lower = higher = ties = no_answer = 0
+            diffs = []
+            for q in pairs:
+                e_m, e_bon = q[m]["best_energy_per_atom_ev"], q["best_of_n"]["best_energy_per_atom_ev"]
+                if e_m is None or e_bon is None:
+                    no_answer += 1
+                    continue
+                d = e_m - e_bon
+                diffs.append(d)
+                lower += d < -TIE_EV
+                higher += d > TIE_EV
+                ties += abs(d) <= TIE_EV
+            versus[m] = {
+                "paired_queries": len(pairs),
+                "lower_by_more_than_1_mev": lower,
+                "best_of_n_lower_by_more_than_1_mev": higher,
+                "ties_within_1_mev": ties,
+                "pairs_without_answer": no_answer,
+                "mean_minus_best_of_n_mev_per_atom": None if not diffs else 1000.0 * sum(diffs) / len(diffs),
+                "known_top1": (sum(q[m]["known_top1"] for q in pairs), sum(q["best_of_n"]["known_top1"] for q in pairs)),
+                "known_top5": (sum(q[m]["known_top5"] for q in pairs), sum(q["best_of_n"]["known_top5"] for q in pairs)),
+            }
+        out[dataset] = {"versus_best_of_n": versus, "methods": per_method}
     return out
 
 
@@ -322,6 +333,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/predict_budget.json", help="results JSON (also the resume state)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of this process")
     ap.add_argument("--rl-steps", type=int, default=20, help="iterations of per-query RL in the RL arm (predict's default is 0)")
+    ap.add_argument("--methods", nargs="*", default=None, choices=METHODS, help="arms to run (default: all; the tuned_* arms need --tuned)")
+    ap.add_argument(
+        "--tuned", nargs="*", default=["perov_5=perov_5_energy", "carbon_24=carbon_24_energy"], metavar="BASE=TUNED",
+        help="the RL-tuned model of each base model, for arms (b) and (d); a base without one skips them",
+    )
     args = ap.parse_args()
 
     from crystalign.settings import configure_threads
@@ -333,6 +349,15 @@ def main() -> None:
     from crystalign.matching import make_matcher
     from crystalign.prediction import PredictOptions
 
+    from crystalign.generator import resolve_model
+
+    tuned = dict(item.split("=", 1) for item in args.tuned)
+    for base, name in list(tuned.items()):
+        try:
+            resolve_model(name)
+        except FileNotFoundError:
+            del tuned[base]
+    methods = [m for m in (args.methods or METHODS) if not m.startswith("tuned_") or tuned]
     defaults = PredictOptions()
     n_equal = defaults.n + args.rl_steps * defaults.rl_groups * defaults.rl_group_size + defaults.n
 
@@ -368,7 +393,10 @@ def main() -> None:
     }
     print(json.dumps({"n_equal": n_equal, "queries": len(queries), "already_done": len(done), "threads": threads}), flush=True)
     for query in queries:
-        for method in METHODS:
+        query["tuned_model"] = tuned.get(query["model"])
+        for method in methods:
+            if method.startswith("tuned_") and query["tuned_model"] is None:
+                continue
             if (query["id"], method) in done:
                 continue
             row = run_one(query, method, n_equal, counter, matchers, rl_steps=args.rl_steps)

@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("--eval", default=None, help="JSON written by bench/csp_eval.py (CSP models)")
     ap.add_argument("--dng-eval", default=None, help="JSON written by bench/dng_eval.py (de novo models)")
+    ap.add_argument("--gap-eval", default=None, help="JSON written by bench/energy_gap.py (RL-tuned models)")
+    ap.add_argument("--gap-row", default=None, help="the row of --gap-eval that is this model (its 'sampler' name)")
     ap.add_argument("--command", default="")
     ap.add_argument("--description", default="")
     ap.add_argument(
@@ -71,6 +73,22 @@ def main() -> None:
             "metrics": ev["metrics"],
             "diversity": ev.get("diversity"),
             "command": ev.get("command"),
+        }
+    if gen.tuned_from is not None:
+        card["tuned_from"] = gen.tuned_from
+        card["rl"] = {k: v for k, v in prov.get("rl", {}).items() if k != "checkpoint"}
+    if args.gap_eval:
+        ev = json.loads(Path(args.gap_eval).read_text())
+        rows = {r["sampler"]: r for r in ev["rows"]}
+        if args.gap_row not in rows:
+            raise SystemExit(f"--gap-row {args.gap_row!r} is not a row of {args.gap_eval} ({', '.join(rows)})")
+        card["energy_gap_validation"] = {
+            "protocol": f"one structure per held-out structure of the dev split ({ev['n']}), {ev['steps']} time points, "
+            f"same x0 for every sampler; {ev['backend']} energy per atom, unrelaxed, generated minus reference over pairs "
+            "both trusted by the reward's checks (bench/energy_gap.py)",
+            "base_sampler": rows.get("base_sampler"),
+            "this_model": rows[args.gap_row],
+            "reference": rows.get("reference"),
         }
     dest = pretrained_dir() / f"{args.name}.pt"
     save_torch(dest, ckpt)

@@ -257,8 +257,13 @@ def test_dng_rl_first_epoch_ratio_is_one_and_diversity_is_logged(dng_model, tmp_
     assert len(made) == 3 and all(len(a) == 4 and min(a.numbers) >= 1 for a in made)
     bad = runner.invoke(app, ["rl", "sample", str(tmp_path / "last.pt"), "-c", "SrTiO3", "--out", str(tmp_path / "b")])
     assert bad.exit_code != 0 and "de novo run" in bad.output
-    bad = runner.invoke(app, ["rl", "export", str(tmp_path / "last.pt"), "--out", str(tmp_path / "x.pt")])
-    assert bad.exit_code != 0 and "de novo run" in bad.output
+    # exported, the species and lattice follow the base model: it generates like the run's mean path
+    res = runner.invoke(app, ["rl", "export", str(tmp_path / "last.pt"), "--out", str(tmp_path / "x.pt"), "--base", str(dng_model[0])])
+    assert res.exit_code == 0, res.output
+    tuned = Generator.load(tmp_path / "x.pt")
+    assert tuned.is_dng and tuned.tuned_from["fields"] == list(cfg.fields)
+    made = tuned.generate(3, atoms=4, seed=0, steps=4)
+    assert made.n_atoms.tolist() == [4, 4, 4] and int(made.species.min()) >= 1
 
 
 def test_generation_keeps_to_the_training_elements_or_the_ones_given(dng_model, tmp_path):

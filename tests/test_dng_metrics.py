@@ -307,3 +307,21 @@ def test_cli_dng_report_lists_every_crystal_with_its_verdicts(perov, tmp_path):
     assert "data:image/png;base64," in page and "cov_recall" in page and "Provenance" in page
     bad = CliRunner().invoke(app, ["evaluate", str(gen), "-r", str(ref), "--report", str(report)])
     assert bad.exit_code != 0 and "--report applies to --dng only" in bad.output
+
+
+def test_generate_report_scores_the_new_crystals_against_the_reference(perov, tmp_path):
+    from crystalign.cli import app
+    from crystalign.cli.denovo import training_data_of
+
+    ref = _cif_folder(perov[:20], tmp_path / "ref")
+    out = tmp_path / "gen"
+    res = CliRunner().invoke(app, ["generate", "--model", "perov_5_dng", "-n", "4", "--steps", "6", "--out", str(out),
+                                   "--report", "-r", str(ref)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_generated"] == 4 and 0 <= metrics["valid"] <= 1 and metrics["provenance"]["reference"] == str(ref)
+    assert (out / "report.html").read_text().count("<tr class=") == 4  # one row per generated crystal
+    # without -r the report compares with the model's own training data
+    assert training_data_of("perov_5_dng") == "perov_5:val"
+    bad = CliRunner().invoke(app, ["generate", "--model", "perov_5_dng", "-n", "4", "--out", str(tmp_path / "b"), "--hull", "h.json"])
+    assert bad.exit_code != 0 and bad.output.strip() == "error: --reference and --hull apply to --report"

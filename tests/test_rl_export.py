@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -40,10 +41,72 @@ def test_exported_velocity_policy_samples_its_mean_path(tmp_path):
     assert torch.allclose(sampled.lattice, mean_path.lattice, atol=1e-4)
 
 
-def test_only_velocity_runs_on_every_field_export(tmp_path):
-    for variant, fields, message in (("scale", ["pos", "cell"], "only 'velocity'"), ("velocity", ["pos"], "needs a run on pos and cell")):
-        _, run = _fit(tmp_path, variant, fields)
-        out = tmp_path / "never.pt"
-        res = runner.invoke(app, ["rl", "export", str(run), "--out", str(out)])
-        assert res.exit_code != 0 and message in res.output and not out.exists(), res.output
-        assert len(res.output.strip().splitlines()) == 1
+def test_only_velocity_runs_export(tmp_path):
+    _, run = _fit(tmp_path, "scale", ["pos", "cell"])
+    out = tmp_path / "never.pt"
+    res = runner.invoke(app, ["rl", "export", str(run), "--out", str(out)])
+    assert res.exit_code != 0 and "only 'velocity'" in res.output and not out.exists(), res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_positions_only_run_exports_with_its_base_and_samples_its_mean_path(tmp_path):
+    gen, run = _fit(tmp_path, "velocity", ["pos"])
+    out = tmp_path / "models" / "tuned.pt"
+    out.parent.mkdir()
+    # the lattice follows the base network: the exported model needs to find that base again
+    res = runner.invoke(app, ["rl", "export", str(run), "--out", str(out)])
+    assert res.exit_code != 0 and "pass --base" in res.output and not out.exists(), res.output
+    base_file = tmp_path / "models" / "base.pt"
+    torch.save(gen.checkpoint_dict(), base_file)
+    res = runner.invoke(app, ["rl", "export", str(run), "--out", str(out), "--base", str(base_file)])
+    assert res.exit_code == 0, res.output
+    tuned = Generator.load(out)
+    assert tuned.tuned_from == {"fields": ["pos"], "model": "base.pt", "hash": gen.model_hash()}
+    policy, _ = load_policy(run)
+    template = composition_batch(["NaCl", "KBr"], 2).to(dtype=torch.float32)
+    x0 = tuned.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
+    mean_path = rollout(policy, template, 7, torch.Generator().manual_seed(1), store=False, noise=False, x0=x0).final
+    sampled = tuned.sampler(steps=7).sample(x0)
+    assert torch.allclose(sampled.frac, mean_path.frac, atol=1e-5)
+    assert torch.allclose(sampled.lattice, mean_path.lattice, atol=1e-4)
+    base_path = gen.sampler(steps=7).sample(x0)
+    assert not torch.allclose(sampled.frac, base_path.frac, atol=1e-3)  # the positions are the tuned network's
+    # the pair moves together (the base is found relative to the model's folder) ...
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "models").rename(moved)
+    again = Generator.load(moved / "tuned.pt")
+    assert again.model_hash() == tuned.model_hash()
+    # ... and a missing or different base is refused in one line
+    (moved / "base.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="base model 'base.pt' is missing"):
+        Generator.load(moved / "tuned.pt")
+    other = tiny_generator()
+    with torch.no_grad():
+        next(other.net.parameters()).add_(0.1)
+    torch.save(other.checkpoint_dict(), moved / "base.pt")
+    with pytest.raises(ValueError, match="was reinforced from a base with hash"):
+        Generator.load(moved / "tuned.pt")
+    res = runner.invoke(app, ["rl", "export", str(run), "--out", str(tmp_path / "x.pt"), "--base", str(moved / "base.pt")])
+    assert res.exit_code != 0 and "was reinforced from a base with hash" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_shipped_energy_model_lowers_the_energy_of_held_out_compositions(data_root):
+    """perov_5_energy: perov_5's lattice network and the reinforced positions; on held-out compositions of the dev
+    split, from the same x0, SevenNet-0 scores its structures lower than the base model's, and rejects fewer."""
+    from crystalign.data.splits import DataConfig, load_training_data
+    from crystalign.rewards import EnergyReward
+
+    tuned, base = Generator.load("perov_5_energy"), Generator.load("perov_5")
+    assert tuned.tuned_from == {"fields": ["pos"], "model": "perov_5", "hash": base.model_hash()}
+    assert torch.equal(tuned.net.base.lattice_out.weight, base.net.lattice_out.weight)
+    _, hold, _ = load_training_data(DataConfig(dataset="perov_5", niggli=True), data_root=str(data_root))
+    refs = hold[:48].to(dtype=torch.float32)
+    x0 = base.base_sample(refs.species, refs.n_atoms, torch.Generator().manual_seed(0))
+    reward = EnergyReward("sevenn")
+    e_tuned = reward(tuned.sampler().sample(x0)).info["energy_per_atom_ev"]
+    e_base = reward(base.sampler(schedule=False).sample(x0)).info["energy_per_atom_ev"]
+    both = torch.isfinite(e_tuned) & torch.isfinite(e_base)
+    assert (e_tuned[both] - e_base[both]).mean() < -0.05, (e_tuned[both] - e_base[both]).mean()
+    assert torch.isfinite(e_tuned).sum() >= torch.isfinite(e_base).sum()
+    res = runner.invoke(app, ["models"])
+    assert "RL-tuned from perov_5" in res.output

@@ -76,6 +76,9 @@ class Generator(torch.nn.Module):
         self.coverage = coverage or {}
         #: learned velocity-annealing schedule used by default when sampling (None: plain integration)
         self.schedule: VelocitySchedule | None = None
+        #: an RL-tuned model: {"fields": reinforced fields, "model": its base model, "hash": the base's hash};
+        #: ``net`` is then a FieldSplitNet of the base network and the tuned one (None: a base model)
+        self.tuned_from: dict[str, Any] | None = None
         self._freeze_unused_heads()
 
     def _freeze_unused_heads(self) -> None:
@@ -274,19 +277,43 @@ class Generator(torch.nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def checkpoint_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        # an RL-tuned model stores only its tuned network; the base network comes from its base model on loading
+        net = self.net.tuned if self.tuned_from is not None else self.net
         return {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
             "config": to_dict(self.config),
             "base": self.base.to_config(),
             "coverage": self.coverage,
-            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
             **({"schedule": self.schedule.to_dict()} if self.schedule is not None else {}),
+            **({"tuned_from": dict(self.tuned_from)} if self.tuned_from is not None else {}),
             **(extra or {}),
         }
 
     @classmethod
-    def from_checkpoint_dict(cls, ckpt: dict[str, Any], where: str = "checkpoint") -> "Generator":
+    def tuned(cls, base: "Generator", net: torch.nn.Module, fields: Sequence[str], base_model: str) -> "Generator":
+        """An RL-tuned model: the velocities of ``fields`` from ``net`` (the reinforced copy of ``base.net``), every
+        other output from ``base``. Its default sampler is plain Euler, the mean path of the velocity-based policy.
+
+        ``base_model`` is how a saved copy finds its base again: a shipped model name, or a path (relative paths are
+        taken from the saved model's folder)."""
+        from crystalign.model.tuned import FieldSplitNet
+
+        if base.tuned_from is not None:
+            raise ValueError("the base of an RL-tuned model must be a base model, not another RL-tuned model")
+        config = from_dict(GeneratorConfig, to_dict(base.config))
+        config.sampling.method, config.sampling.anneal_pos, config.sampling.anneal_cell = "euler", 0.0, 0.0
+        with torch.random.fork_rng(devices=[]):
+            gen = cls(config, base.base, coverage=base.coverage)
+        gen.net = FieldSplitNet(base.net, net, fields)
+        gen.tuned_from = {"fields": list(fields), "model": str(base_model), "hash": base.model_hash()}
+        gen.requires_grad_(False)
+        return gen.eval()
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict[str, Any], where: str = "checkpoint", folder: str | Path | None = None) -> "Generator":
+        """The model a checkpoint dict holds; ``folder``: where an RL-tuned model's relative base path starts."""
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
             raise ValueError(f"{where}: not a crystalign generator checkpoint (format={found}){omatg_hint(ckpt, where)}")
@@ -307,6 +334,8 @@ class Generator(torch.nn.Module):
             from crystalign.schedule import VelocitySchedule
 
             gen.schedule = VelocitySchedule.from_dict(ckpt["schedule"], where=f"{where}:schedule").checked_for(gen, where=f"{where}:schedule")
+        if ckpt.get("tuned_from") is not None:
+            gen = cls.tuned(_tuned_base(ckpt["tuned_from"], where, folder), gen.net, ckpt["tuned_from"].get("fields") or [], ckpt["tuned_from"]["model"])
         gen.eval()
         return gen
 
@@ -317,7 +346,7 @@ class Generator(torch.nn.Module):
         ckpt = read_checkpoint_file(path, map_location, what="crystalign model checkpoint")
         if isinstance(ckpt, dict) and isinstance(ckpt.get("generator"), dict):  # a Lightning training checkpoint
             ckpt = ckpt["generator"]
-        return cls.from_checkpoint_dict(ckpt, where=str(path))
+        return cls.from_checkpoint_dict(ckpt, where=str(path), folder=path.parent)
 
     def model_hash(self) -> str:
         h = hashlib.sha256()
@@ -325,6 +354,27 @@ class Generator(torch.nn.Module):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def _tuned_base(info: Any, where: str, folder: str | Path | None) -> Generator:
+    """The base model an RL-tuned checkpoint names, found and checked to be the one it was reinforced from."""
+    if not isinstance(info, dict) or not isinstance(info.get("model"), str) or not isinstance(info.get("hash"), str):
+        raise ValueError(f"{where}: damaged RL-tuned model: 'tuned_from' needs the base 'model' and its 'hash'")
+    name = info["model"]
+    candidates = [folder / Path(name)] if folder is not None and not Path(name).is_absolute() else []
+    path = shipped_models().get(name) or next((p for p in [*candidates, Path(name)] if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"{where}: its base model {name!r} is missing (not a shipped model, not a file"
+            f"{' in ' + str(folder) if folder is not None else ''}); the RL-tuned model needs the base it was reinforced from"
+        )
+    base = Generator.load(path)
+    if base.model_hash() != info["hash"]:
+        raise ValueError(
+            f"{where}: its base model {name!r} ({path}) has hash {base.model_hash()}, but the model was reinforced from "
+            f"a base with hash {info['hash']}: it needs that base model"
+        )
+    return base
 
 
 def pretrained_dir() -> Path:

@@ -31,6 +31,17 @@ def generate_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     trajectory: bool = typer.Option(False, "--trajectory", help="Also write every integration step (trajectory.extxyz)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT from its last finished batch."),
+    report: bool = typer.Option(
+        False, "--report",
+        help="Also score the crystals (validity, coverage, uniqueness, novelty; E-hull and S.U.N. with --hull) and write "
+        "OUT/report.html and OUT/metrics.json, as `evaluate --dng --report` does.",
+    ),
+    reference: Optional[str] = typer.Option(
+        None, "--reference", "-r",
+        help="--report: reference and training crystals (file, folder, dataset name or NAME:SPLIT; default: the "
+        "model's training data, e.g. perov_5:val).",
+    ),
+    hull: Optional[Path] = typer.Option(None, "--hull", help="--report: hull file (crystalign hull build) for E-hull and S.U.N."),
     threads: Optional[int] = threads_option(),
 ) -> None:
     """Generate new crystals (species, positions and lattice) with a de novo model.
@@ -38,6 +49,7 @@ def generate_cmd(
     Examples:
       crystalign generate --model perov_5_dng -n 1000 --out gen/
       crystalign evaluate gen/ --dng --reference perov_5      # validity, coverage, novelty, ...
+      crystalign generate --model perov_5_dng -n 200 --out gen/ --report --hull hull.json   # and OUT/report.html
     """
     from crystalign.cli.generate import check_device, check_sample_folder, sample_and_report
     from crystalign.io import OutputPathError, check_output_dir
@@ -49,9 +61,17 @@ def generate_cmd(
         _fail(f"--atoms must be >= 1, got {atoms}")
     if steps is not None and steps < 2:
         _fail(f"--steps must be >= 2 time points, got {steps}")
+    if not report and (reference is not None or hull is not None):
+        _fail("--reference and --hull apply to --report")
+    if hull is not None and not hull.is_file():
+        _fail(f"--hull: {hull} is not a file (build one with `crystalign hull build`)")
     check_model(model)
     check_device_name(device, "--device")
     check_output_parent(out)
+    if report and reference is None:
+        reference = training_data_of(model)
+        if reference is None:
+            _fail(f"--report: {model} does not record its training data; give the reference crystals with -r")
 
     from crystalign.generator import Generator
 
@@ -80,6 +100,25 @@ def generate_cmd(
         extra_record={"device": str(torch_device), "threads": used_threads, "mode": "dng", "atoms": atoms,
                       "elements": chosen or "training"},
     )
+    if report:
+        from crystalign.cli.evaluate import _evaluate_dng
+
+        _evaluate_dng(
+            None, out, reference, reference, hull, None, 0.0, None, None, None, False, out / "metrics.json",
+            progress=True, data_root=None, report=out / "report.html",
+        )
+        typer.echo(f"wrote {out / 'report.html'} and {out / 'metrics.json'} (reference {reference})")
+
+
+def training_data_of(model: str) -> str | None:
+    """``NAME:SPLIT`` of the dataset a model was trained on, from its checkpoint's record (None if it has none)."""
+    from crystalign.generator import resolve_model
+    from crystalign.model.checkpoint import read_checkpoint_file
+
+    ckpt = read_checkpoint_file(resolve_model(model), "cpu", what="crystalign model checkpoint")
+    ckpt = ckpt.get("generator", ckpt) if isinstance(ckpt, dict) else {}
+    data = ((ckpt.get("provenance") or {}).get("config") or {}).get("data") or {}
+    return f"{data['dataset']}:{data.get('split') or 'train'}" if data.get("dataset") else None
 
 
 def register(app: typer.Typer) -> None:

@@ -222,7 +222,10 @@ def evaluate(
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the option was set on the command line (or by an environment variable), not left at its default."""
+    """Whether the option was set on the command line (or by an environment variable), not left at its default
+    (``ctx`` None: called from another command, which sets nothing of this one)."""
+    if ctx is None:
+        return False
     source = ctx.get_parameter_source(name)
     # by name: typer >= 0.20 vendors its own click, whose enum is not the installed click's
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")

@@ -156,7 +156,15 @@ def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
         metrics = card.get("validation", {})
         schedule = card.get("schedule")
         dng = (card.get("dng_validation") or {}).get("metrics")
-        if dng:  # a de novo model: validity and coverage of what it generates
+        gap = card.get("energy_gap_validation")
+        if gap:  # an RL-tuned model: its energy gap to the known structures against its base model's
+            mine, base = gap.get("this_model") or {}, gap.get("base_sampler") or {}
+            quality = (
+                f"RL-tuned from {card.get('tuned_from', {}).get('model', '?')}: energy gap to the known structures "
+                f"{_ev(mine.get('gap_mean_ev_per_atom'))} (base {_ev(base.get('gap_mean_ev_per_atom'))}), "
+                f"held-out match rate {_pct(mine.get('match_rate'))} (base {_pct(base.get('match_rate'))})"
+            )
+        elif dng:  # a de novo model: validity and coverage of what it generates
             quality = (
                 f"de novo: valid {_pct(dng.get('valid'))}, COV-R {_pct(dng.get('cov_recall'))}, "
                 f"COV-P {_pct(dng.get('cov_precision'))}, novel {_pct(dng.get('novelty'))}"
@@ -174,6 +182,10 @@ def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
             f"{name:<12} {card.get('description', '')}\n"
             f"{'':<12} atoms/cell {cov.get('n_atoms_min', '?')}–{cov.get('n_atoms_max', '?')}, {len(cov.get('elements', []))} elements; {quality}"
         )
+
+
+def _ev(value) -> str:
+    return f"{value:.3f} eV/atom" if isinstance(value, (int, float)) else "?"
 
 
 def _pct(value) -> str:

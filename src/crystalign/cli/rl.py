@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -418,11 +419,20 @@ def attach_schedule_cmd(
 
 @app.command("export")
 def export_cmd(
-    checkpoint: Path = typer.Argument(..., help="RL checkpoint of a velocity-based run on pos and cell (OUT/best.pt of rl fit)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Model file to write: the reinforced network as a base model."),
+    checkpoint: Path = typer.Argument(..., help="RL checkpoint of a velocity-based run (OUT/best.pt of rl fit)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model file to write: the reinforced network as a model."),
+    base: Optional[str] = typer.Option(
+        None, "--base",
+        help="Where the exported model finds its base model when the run reinforced only some fields (or is de novo): "
+        "a shipped model name or a file (default: the shipped model the run started from).",
+    ),
 ) -> None:
     """Write the reinforced network of a velocity-based RL run as a model that `sample`, `predict` and the Python API
-    use like a base model: Euler integration of b_θ is the policy's mean path (its sampling without exploration noise).
+    use like a base model: Euler integration is the policy's mean path (its sampling without exploration noise).
+
+    A run on pos and cell of a CSP model exports one network. A run that reinforced only some fields, or a de novo
+    run (its species follow the frozen base model), exports the tuned network with a reference to its base model
+    (checked by hash when loaded): the fields left out, and the species, come from the base network.
 
     Example: crystalign rl export runs/rl_perov_energy/best.pt --out perov_5_energy.pt
     """
@@ -435,6 +445,7 @@ def export_cmd(
         check_output_file(out)
     except (ValueError, PermissionError) as err:
         _fail(str(err))
+    from crystalign.generator import Generator, shipped_models
     from crystalign.provenance import versions
     from crystalign.rl.checkpoints import load_policy
 
@@ -445,27 +456,43 @@ def export_cmd(
     if policy.config.variant != "velocity":
         # the score variant's mean path adds σ²/(2γ)·η, and the annealing variants scale a frozen network: none of
         # them is plain Euler of one network
-        _fail(f"{checkpoint}: a {policy.config.variant!r} RL run cannot be exported as a base model (only 'velocity')")
-    if policy.reference.is_dng:
-        _fail(
-            f"{checkpoint}: a de novo run integrates the species with the frozen base model's logits, which one "
-            "exported network cannot reproduce; sample it with `crystalign rl sample RUN -n N`"
-        )
-    if sorted(policy.config.fields) != ["cell", "pos"]:
-        # a field left out follows the frozen base network, which one exported network cannot reproduce
-        _fail(f"{checkpoint}: this run reinforced only {policy.config.fields}; export needs a run on pos and cell (fields: [pos, cell])")
-    gen = policy.reference
-    base_hash = gen.model_hash()
-    gen.net.load_state_dict(policy.net.state_dict())
-    gen.schedule = None
+        _fail(f"{checkpoint}: a {policy.config.variant!r} RL run cannot be exported as a model (only 'velocity')")
+    ref = policy.reference
+    if ref.tuned_from is not None:
+        _fail(f"{checkpoint}: the run started from an RL-tuned model; export needs a run from a base model")
+    base_hash = ref.model_hash()
     provenance = {
         "rl": {
             "checkpoint": str(checkpoint), "iteration": state.get("iteration"), "reward": policy.config.reward,
-            "base_model_hash": base_hash, "variant": policy.config.variant, "versions": versions(),
+            "base_model_hash": base_hash, "variant": policy.config.variant, "fields": list(policy.config.fields),
+            "versions": versions(),
         }
     }
+    if sorted(policy.config.fields) == ["cell", "pos"] and not ref.is_dng:
+        ref.net.load_state_dict(policy.net.state_dict())
+        ref.schedule = None
+        save_torch(out, ref.checkpoint_dict({"provenance": provenance}))
+        typer.echo(f"wrote {out} (the network of iteration {state.get('iteration')}, reinforced from model {base_hash})")
+        return
+    # the fields left out (and de novo species) follow the frozen base network: the model keeps a reference to it
+    if base is None:
+        base = next((name for name, path in shipped_models().items() if Generator.load(path).model_hash() == base_hash), None)
+        if base is None:
+            _fail(f"{checkpoint}: the run's base model (hash {base_hash}) is not a shipped model; pass --base FILE, the base model's file")
+    try:
+        given = Generator.load(base)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(f"--base: {err}")
+    if given.model_hash() != base_hash:
+        _fail(f"--base {base} has hash {given.model_hash()}, but the run was reinforced from a base with hash {base_hash}")
+    if base not in shipped_models():  # a file: found again relative to the exported model's folder
+        base = os.path.relpath(Path(base).resolve(), out.resolve().parent)
+    gen = Generator.tuned(ref, policy.net, policy.config.fields, base)
     save_torch(out, gen.checkpoint_dict({"provenance": provenance}))
-    typer.echo(f"wrote {out} (the network of iteration {state.get('iteration')}, reinforced from model {base_hash})")
+    typer.echo(
+        f"wrote {out} (the {', '.join(policy.config.fields)} velocity of iteration {state.get('iteration')}, the rest "
+        f"from base model {base}, hash {base_hash})"
+    )
 
 
 def register(parent: typer.Typer) -> None:
