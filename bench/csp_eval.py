@@ -15,7 +15,7 @@ import time
 import torch
 
 from crystalign.config import from_dict
-from crystalign.generator import Generator
+from crystalign.generator import Generator, resolve_model
 from crystalign.model.checkpoint import read_checkpoint_file
 from crystalign.io import write_json
 from crystalign.metrics import csp_metrics
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ckpt = read_checkpoint_file(args.model)
+    ckpt = read_checkpoint_file(resolve_model(args.model))  # a shipped name or a file
     prov = (ckpt.get("generator", ckpt)).get("provenance", {})
     data_cfg = from_dict(DataConfig, prov["config"]["data"]) if prov else DataConfig()
     gen = Generator.load(args.model)

@@ -37,16 +37,33 @@ def gap_stats(e_gen: np.ndarray, e_ref: np.ndarray) -> dict:
     }
 
 
+def distinct_per_composition(sample, gen, template, k: int, seed: int) -> dict:
+    """Mean number of distinct structures among ``k`` samples of each composition of ``template``."""
+    from crystalign.matching import make_matcher
+
+    many = template.repeat_interleave(k)
+    x0 = gen.base_sample(many.species, many.n_atoms, torch.Generator().manual_seed(seed + 7))
+    with torch.no_grad():
+        structures = sample(many, x0).to("cpu").to_structures()
+    matcher = make_matcher()
+    counts = [len(matcher.group_structures(structures[i * k:(i + 1) * k])) for i in range(template.num_structures)]
+    return {"k": k, "compositions": len(counts), "mean": float(np.mean(counts)), "min": int(min(counts))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="base model (shipped name or checkpoint)")
     ap.add_argument("--rl", nargs="*", default=[], help="RL checkpoints (energy reward) to compare with the base sampler")
+    ap.add_argument("--base-methods", nargs="*", default=[], help="also sample the base model with these integrators (e.g. sde)")
     ap.add_argument("--models", nargs="*", default=[], help="other models (e.g. RL-tuned ones) sampled from the same x0, plain Euler")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--backend", default="sevenn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--diversity", type=int, default=0, metavar="K",
+                    help="also sample K structures for each of the first 32 held-out compositions (own x0, as the sampler "
+                    "is used) and count the distinct ones per composition (benchmark StructureMatcher)")
     ap.add_argument("--relax", action="store_true", help="also the gap after relaxing both structures of every pair (FIRE, cell too)")
     ap.add_argument("--relax-steps", type=int, default=200)
     ap.add_argument("--out", default=None)
@@ -84,14 +101,19 @@ def main() -> None:
 
         e_ref_relaxed = relaxed_energy(hold, np.isfinite(e_ref))
     x0 = gen.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(args.seed))
-    runs = {"base_sampler": lambda: gen.sampler(steps=args.steps, schedule=False).sample(x0)}
+    # each sampler maps (template, x0) to structures, so the diversity check reuses it on other compositions
+    samplers = {"base_sampler": lambda t, x: gen.sampler(steps=args.steps, schedule=False).sample(x)}
+    for method in args.base_methods:
+        g_base = lambda: torch.Generator().manual_seed(args.seed + 1)  # noqa: E731
+        samplers[f"base_sampler:{method}"] = lambda t, x, m=method: gen.sampler(steps=args.steps, schedule=False, method=m).sample(x, generator=g_base())
     for name in args.models:
-        runs[name] = lambda m=Generator.load(name): m.sampler(steps=args.steps, schedule=False).sample(x0)
+        samplers[name] = lambda t, x, m=Generator.load(name): m.sampler(steps=args.steps, schedule=False).sample(x)
     for path in args.rl:
         policy, _ = load_policy(path)
         g = lambda: torch.Generator().manual_seed(args.seed + 1)  # noqa: E731
-        runs[f"{path}:stochastic"] = lambda p=policy: rollout(p, template, args.steps, g(), store=False, x0=x0).final
-        runs[f"{path}:no_noise"] = lambda p=policy: rollout(p, template, args.steps, g(), store=False, noise=False, x0=x0).final
+        samplers[f"{path}:stochastic"] = lambda t, x, p=policy: rollout(p, t, args.steps, g(), store=False, x0=x).final
+        samplers[f"{path}:no_noise"] = lambda t, x, p=policy: rollout(p, t, args.steps, g(), store=False, noise=False, x0=x).final
+    runs = {name: (lambda f=f: f(template, x0)) for name, f in samplers.items()}
     rows = [{"sampler": "reference", "energy_per_atom_ev_mean": float(np.nanmean(e_ref)), "rejected_fraction": float(np.isnan(e_ref).mean())}]
     if relaxed_energy is not None:
         rows[0]["relaxed_energy_per_atom_ev_mean"] = float(np.nanmean(e_ref_relaxed))
@@ -106,6 +128,8 @@ def main() -> None:
         row = {"sampler": name, **gap_stats(e_gen, e_ref), "match_rate": m.match_rate, "rmse": m.rmse, "valid_rate": m.valid_rate, "seconds": time.time() - t0}
         if relaxed_energy is not None:  # pairs where both relaxations converged
             row["relaxed"] = gap_stats(relaxed_energy(batch, np.isfinite(e_gen)), e_ref_relaxed)
+        if args.diversity:
+            row["distinct_per_composition"] = distinct_per_composition(samplers[name], gen, template[:32], args.diversity, args.seed)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -109,4 +109,22 @@ def test_shipped_energy_model_lowers_the_energy_of_held_out_compositions(data_ro
     assert (e_tuned[both] - e_base[both]).mean() < -0.05, (e_tuned[both] - e_base[both]).mean()
     assert torch.isfinite(e_tuned).sum() >= torch.isfinite(e_base).sum()
     res = runner.invoke(app, ["models"])
-    assert "RL-tuned from perov_5" in res.output
+    assert "RL-tuned from perov_5" in res.output and "RL-tuned from carbon_24" in res.output
+    carbon = Generator.load("carbon_24_energy")
+    assert carbon.tuned_from == {"fields": ["pos"], "model": "carbon_24", "hash": Generator.load("carbon_24").model_hash()}
+
+
+def test_shipped_sde_model_samples_as_ode_or_sde_and_supports_score_rl():
+    """perov_5_sde carries the denoiser score-based RL needs; its default sampler is its ODE (Euler, 50 steps)."""
+    from crystalign.rl.config import RLConfig
+
+    gen = Generator.load("perov_5_sde")
+    assert gen.interpolants["pos"].uses_denoiser and not gen.interpolants["cell"].uses_denoiser
+    assert gen.sampler().config.method == "euler" and gen.sampler().config.steps == 50
+    template = composition_batch(["SrTiO3", "BaZrO3"], 2).to(dtype=torch.float32)
+    ode = gen.sample(template, seed=0, steps=10)
+    sde = gen.sample(template, seed=0, steps=10, method="sde")
+    assert torch.isfinite(sde.frac).all() and not torch.allclose(ode.frac, sde.frac)
+    score = Policy(gen, RLConfig(variant="score", fields=["pos"], costs={"pos_policy": 1.0, "pos_regularization": 1e-5}))
+    traj = rollout(score, template, 6, torch.Generator().manual_seed(0), store=True)
+    assert traj.final.frac.shape == template.frac.shape and len(traj.actions) == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -177,7 +178,8 @@ def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
                 + (f" over {len(rows)} seeds" if len(rows) > 1 else "")
             )
         else:
-            quality = f"held-out match rate {_pct(metrics.get('match_rate_50_steps'))} (50 steps), {_pct(metrics.get('match_rate_500_steps'))} (500 steps)"
+            rates = sorted((int(k.split("_")[2]), v) for k, v in metrics.items() if re.fullmatch(r"match_rate_\d+_steps", k))
+            quality = "held-out match rate " + (", ".join(f"{_pct(v)} ({n} steps)" for n, v in rates) or "?")
         typer.echo(
             f"{name:<12} {card.get('description', '')}\n"
             f"{'':<12} atoms/cell {cov.get('n_atoms_min', '?')}–{cov.get('n_atoms_max', '?')}, {len(cov.get('elements', []))} elements; {quality}"
