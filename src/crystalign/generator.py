@@ -361,7 +361,7 @@ def _tuned_base(info: Any, where: str, folder: str | Path | None) -> Generator:
     if not isinstance(info, dict) or not isinstance(info.get("model"), str) or not isinstance(info.get("hash"), str):
         raise ValueError(f"{where}: damaged RL-tuned model: 'tuned_from' needs the base 'model' and its 'hash'")
     name = info["model"]
-    candidates = [folder / Path(name)] if folder is not None and not Path(name).is_absolute() else []
+    candidates = [Path(folder) / name] if folder is not None and not Path(name).is_absolute() else []
     path = shipped_models().get(name) or next((p for p in [*candidates, Path(name)] if p.is_file()), None)
     if path is None:
         raise FileNotFoundError(
