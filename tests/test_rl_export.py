@@ -25,13 +25,8 @@ def _fit(tmp_path, variant: str, fields: list[str]):
     return gen, tmp_path / f"{variant}_{len(fields)}" / "last.pt"
 
 
-def test_exported_velocity_policy_samples_its_mean_path(tmp_path):
-    gen, run = _fit(tmp_path, "velocity", ["pos", "cell"])
-    out = tmp_path / "tuned.pt"
-    res = runner.invoke(app, ["rl", "export", str(run), "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    tuned = Generator.load(out)
-    assert tuned.model_hash() != gen.model_hash()  # the reinforced weights, not the base's
+def _samples_its_mean_path(tuned: Generator, run):
+    """Plain Euler of the exported model equals the RL policy's mean path from the same x0; returns (samples, x0)."""
     policy, _ = load_policy(run)
     template = composition_batch(["NaCl", "KBr"], 2).to(dtype=torch.float32)
     x0 = tuned.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
@@ -39,6 +34,17 @@ def test_exported_velocity_policy_samples_its_mean_path(tmp_path):
     sampled = tuned.sampler(steps=7).sample(x0)
     assert torch.allclose(sampled.frac, mean_path.frac, atol=1e-5)
     assert torch.allclose(sampled.lattice, mean_path.lattice, atol=1e-4)
+    return sampled, x0
+
+
+def test_exported_velocity_policy_samples_its_mean_path(tmp_path):
+    gen, run = _fit(tmp_path, "velocity", ["pos", "cell"])
+    out = tmp_path / "tuned.pt"
+    res = runner.invoke(app, ["rl", "export", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    tuned = Generator.load(out)
+    assert tuned.model_hash() != gen.model_hash()  # the reinforced weights, not the base's
+    sampled, x0 = _samples_its_mean_path(tuned, run)
 
 
 def test_only_velocity_runs_export(tmp_path):
@@ -62,13 +68,7 @@ def test_positions_only_run_exports_with_its_base_and_samples_its_mean_path(tmp_
     assert res.exit_code == 0, res.output
     tuned = Generator.load(out)
     assert tuned.tuned_from == {"fields": ["pos"], "model": "base.pt", "hash": gen.model_hash()}
-    policy, _ = load_policy(run)
-    template = composition_batch(["NaCl", "KBr"], 2).to(dtype=torch.float32)
-    x0 = tuned.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
-    mean_path = rollout(policy, template, 7, torch.Generator().manual_seed(1), store=False, noise=False, x0=x0).final
-    sampled = tuned.sampler(steps=7).sample(x0)
-    assert torch.allclose(sampled.frac, mean_path.frac, atol=1e-5)
-    assert torch.allclose(sampled.lattice, mean_path.lattice, atol=1e-4)
+    sampled, x0 = _samples_its_mean_path(tuned, run)
     base_path = gen.sampler(steps=7).sample(x0)
     assert not torch.allclose(sampled.frac, base_path.frac, atol=1e-3)  # the positions are the tuned network's
     # the pair moves together (the base is found relative to the model's folder) ...

@@ -476,7 +476,9 @@ def export_cmd(
         return
     # the fields left out (and de novo species) follow the frozen base network: the model keeps a reference to it
     if base is None:
-        base = next((name for name, path in shipped_models().items() if Generator.load(path).model_hash() == base_hash), None)
+        # the model cards record each shipped model's hash: no need to load every model
+        cards = {name: path.with_suffix(".json") for name, path in shipped_models().items()}
+        base = next((n for n, c in cards.items() if c.is_file() and json.loads(c.read_text()).get("model_hash") == base_hash), None)
         if base is None:
             _fail(f"{checkpoint}: the run's base model (hash {base_hash}) is not a shipped model; pass --base FILE, the base model's file")
     try:
