@@ -176,15 +176,11 @@ def relax_steps_from_records(folder: Path) -> dict[str, Any]:
 def run_one(
     query: dict[str, Any], method: str, n_equal: int, counter: MLIPCounter, matchers: dict[str, Any], rl_steps: int = 20
 ) -> dict[str, Any]:
-    from crystalign.prediction import PredictOptions, predict
+    from crystalign.prediction import predict
 
-    defaults = PredictOptions()
     model = query["tuned_model"] if method.startswith("tuned_") else query["model"]
-    options: dict[str, Any] = {"model": model, "seed": query["seed"], "rl_steps": rl_steps}
-    if method.endswith("best_of_n"):
-        options.update(rl_steps=0, n=n_equal)
-    n, rl_steps = options.get("n", defaults.n), options.get("rl_steps", defaults.rl_steps)
-    nominal = n + (rl_steps * defaults.rl_groups * defaults.rl_group_size + n if rl_steps else 0)
+    # predict's own --budget splits the evaluations: all candidates without RL, else n + RL iterations + n
+    options: dict[str, Any] = {"model": model, "seed": query["seed"], "budget": n_equal, "rl_steps": 0 if method.endswith("best_of_n") else rl_steps}
     counter.reset()
     with tempfile.TemporaryDirectory(prefix="predict_budget_") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -197,6 +193,7 @@ def run_one(
 
         untrusted = [(r, Structure.from_file(Path(tmp) / r["file"])) for r in res.candidates if not r.get("trusted")]
     summary = res.summary
+    n, rl_steps, nominal = summary["n"], summary["rl_steps"], summary["mlip_energy_evaluations"]
     ranked = res.structures
     top = ranked[:5]
     row: dict[str, Any] = {

@@ -101,10 +101,17 @@ def test_formula_units_scan_cell_sizes(tmp_path):
     """-z samples -n candidates of each cell size and ranks them together; RL draws its groups from all sizes."""
     from crystalign.prediction import cell_formulas
 
-    result = predict("C", model="carbon_24", formula_units="6,8", out=str(tmp_path / "p"), progress=False, n=3, rl_steps=1,
-                     rl_group_size=2, rl_groups=2, steps=4, relax=False)
+    # a budget of 21 MLIP evaluations: 3 base + 3 policy candidates per size (12), then as many RL iterations of
+    # 2 groups of 2 as the other 9 pay for (2, not the 10 asked for)
+    result = predict("C", model="carbon_24", formula_units="6,8", out=str(tmp_path / "p"), progress=False, n=3, rl_steps=10,
+                     budget=21, rl_group_size=2, rl_groups=2, steps=4, relax=False)
     assert result.summary["cells"] == ["C6", "C8"]
     assert result.summary["n_candidates"] == 12  # 3 per size from the base model, 3 per size from the RL policy
+    assert result.summary["rl_steps"] == 2 and len(json.loads((tmp_path / "p" / "summary.json").read_text())["rl_history"]) == 2
+    assert result.summary["mlip_energy_evaluations"] == 20 and result.summary["budget"] == 21
+    # without RL the budget is the number of candidates, split evenly over the cell sizes
+    plain = predict("C", model="carbon_24", formula_units="6,8", out=str(tmp_path / "q"), progress=False, budget=7, steps=4, relax=False)
+    assert plain.summary["n"] == 3 and plain.summary["n_candidates"] == 6 and plain.summary["mlip_energy_evaluations"] == 6
     sizes = sorted(len(s) for s in read_structures(tmp_path / "p" / "base.extxyz").batch.to_structures())
     assert sizes == [6, 6, 6, 8, 8, 8]
     assert all(s.composition.reduced_formula == "C" for s in result.structures)
@@ -137,6 +144,10 @@ def test_rl_that_trips_its_guard_falls_back_to_the_base_candidates(tmp_path):
         (["AmO2", "--no-relax", "--rl-steps", "0", "--force"], "does not support element"),
         (["SrTiO3", "--mlip-model", "no-such-7net"], "no-such-7net does not exist"),
         (["SrTiO3", "-z", "0,1"], "comma list of positive integers"),
+        (["SrTiO3", "--budget", "0"], "--budget must be a positive number of MLIP energy evaluations"),
+        (["SrTiO3", "-n", "4", "--budget", "8"], "give -n or --budget, not both"),
+        (["SrTiO3", "--budget", "95", "--rl-steps", "5"], "--budget 95 is smaller than one RL iteration's groups after the candidates: 32 base + 32 policy candidates + 4 groups of 8 = 96"),
+        (["SrTiO3", "-z", "1,2,4", "--budget", "2", "--no-relax"], "--budget 2 is smaller than one candidate per cell size (3 cell sizes)"),
         (["SrTi2O5", "-z", "auto"], "no multiple of SrTi2O5 (8 atoms)"),
         (["SrTIO3"], "did you mean Ti"),
         pytest.param(["SrTiO3", "--device", "cuda"], "CUDA is not available",

@@ -19,7 +19,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -70,6 +70,10 @@ class PredictOptions:
     rl_groups: int = 4
     rl_lr: float = 3e-4
     rl_noise: float = 0.1668100537
+    #: MLIP energy evaluations before relaxation for the whole query (None: -n and rl_steps as given). Without RL the
+    #: base model samples all of them, split evenly over the cell sizes (it sets n); with RL, n base and n policy
+    #: candidates per cell size come first and RL runs as many of its rl_steps iterations as the rest pays for
+    budget: int | None = None
     #: integration time points of the base sampler (None: the model's default, its learned schedule's if it has one)
     steps: int | None = None
     #: integrate the base candidates with the model's learned velocity schedule, if it carries one
@@ -110,6 +114,8 @@ class PredictOptions:
             raise ValueError(f"--rl-steps must be >= 0, got {self.rl_steps}")
         if self.steps is not None and self.steps < 2:
             raise ValueError(f"--steps must be >= 2, got {self.steps}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"--budget must be a positive number of MLIP energy evaluations, got {self.budget}")
         if self.relax_top < 1:
             raise ValueError(f"--relax-top must be >= 1, got {self.relax_top}")
         if self.relax_steps < 0:
@@ -123,6 +129,32 @@ class PredictOptions:
             RLConfig(iterations=self.rl_steps, seed=self.seed, **self.rl_options())
         except (TypeError, ValueError) as err:
             raise ValueError(f"RL options (rl_*): {err}") from None
+
+    def mlip_evaluations(self, n_cells: int) -> int:
+        """MLIP energy evaluations before relaxation: n base candidates per cell size, and with RL its rollouts
+        (rl_groups x rl_group_size per iteration) and n policy candidates per cell size."""
+        rl = self.rl_steps * self.rl_groups * self.rl_group_size + self.n * n_cells if self.rl_steps else 0
+        return self.n * n_cells + rl
+
+    def within_budget(self, n_cells: int) -> PredictOptions:
+        """These options with n (no RL) or rl_steps (RL) set so that the query spends at most ``budget`` MLIP
+        energy evaluations before relaxation; a budget that cannot pay for one candidate per cell size, or with RL
+        for one iteration's groups after the candidates, is refused."""
+        if self.budget is None:
+            return self
+        if not self.rl_steps:
+            if self.budget < n_cells:
+                raise ValueError(f"--budget {self.budget} is smaller than one candidate per cell size ({n_cells} cell sizes)")
+            return replace(self, n=self.budget // n_cells)
+        candidates = 2 * self.n * n_cells
+        group = self.rl_groups * self.rl_group_size
+        if self.budget < candidates + group:
+            raise ValueError(
+                f"--budget {self.budget} is smaller than one RL iteration's groups after the candidates: {candidates // 2} base + "
+                f"{candidates // 2} policy candidates + {self.rl_groups} groups of {self.rl_group_size} = {candidates + group} "
+                "MLIP evaluations; raise --budget, lower -n, or drop --rl-steps"
+            )
+        return replace(self, rl_steps=min(self.rl_steps, (self.budget - candidates) // group))
 
     def rl_options(self) -> dict[str, Any]:
         """The RLConfig options of predict's inference-time RL (velocity RL of positions toward low energy)."""
@@ -414,6 +446,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         gen = Generator.load(opts.model).to(opts.device)
         gen.check_csp("`predict`")
         cells, size_note = _cells_inside_coverage(opts, gen.coverage)
+        opts = opts.within_budget(len(cells))
         cell_species = [parse_composition(cell, max_atoms=gen.config.max_atoms) for cell in cells]
         backend = get_backend(opts.backend, model=opts.mlip_model, modal=opts.mlip_modal).load()
         check_supported = getattr(backend, "check_elements", None)
@@ -448,6 +481,8 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         "steps": base_sampler.config.steps,
         "schedule": base_sampler.schedule.record() if base_sampler.schedule is not None else None,
         "rl_steps": opts.rl_steps,
+        "budget": opts.budget,
+        "mlip_energy_evaluations": opts.mlip_evaluations(len(cells)),
         "relax": opts.relax,
         "coverage_warnings": warns,
         "options": {**{k: v for k, v in asdict(opts).items() if k not in ("composition", "resume")}, "out": str(out)},

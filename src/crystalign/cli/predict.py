@@ -21,7 +21,9 @@ DEFAULT_MODEL = "perov_5"
 
 def predict_cmd(
     composition: str = typer.Argument(DEFAULT_COMPOSITION, help="Chemical formula of one cell, e.g. SrTiO3."),
-    n: int = typer.Option(32, "-n", help="Candidates to sample from the base model (per cell size), and as many from the RL policy."),
+    n: Optional[int] = typer.Option(
+        None, "-n", help="Candidates to sample from the base model (per cell size), and as many from the RL policy.", show_default="32",
+    ),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Shipped model name (see `crystalign models`) or checkpoint path."),
     reward: str = typer.Option("energy", "--reward", help="Objective: only 'energy' (MLIP energy per atom); other rewards through `crystalign rl fit`."),
     backend: str = typer.Option("sevenn", "--backend", help="MLIP for energies, RL reward and relaxation: sevenn, chgnet or mace."),
@@ -37,6 +39,12 @@ def predict_cmd(
         0, "--rl-steps",
         help="Iterations of inference-time RL on this composition (default 0, base model only: at equal MLIP budget, "
         "sampling more candidates found lower energies; README).",
+    ),
+    budget: Optional[int] = typer.Option(
+        None, "--budget",
+        help="MLIP energy evaluations before relaxation for the whole query: without --rl-steps the base model samples "
+        "them all (instead of -n); with it, -n base and -n policy candidates come first and RL runs as many of its "
+        "iterations as the rest pays for.",
     ),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
     relax_steps: int = typer.Option(100, "--relax-steps", help="Maximum FIRE steps per structure."),
@@ -62,6 +70,7 @@ def predict_cmd(
       crystalign predict                          # SrTiO3 on the shipped perov_5 model
       crystalign predict BaZrO3 -n 64 --rl-steps 30 --out predictions/BaZrO3
       crystalign predict CaTiO3 --rl-steps 0 --no-relax
+      crystalign predict BaTiO3 --budget 704 --rl-steps 100       # RL iterations as the 704 MLIP evaluations pay for
       crystalign predict C --model carbon_24 -z auto -n 16     # cells of 6 to 24 carbon atoms
       crystalign predict BaTiO3 --backend mace --mlip-model mace-mpa-0-medium.model   # a local MACE file
     """
@@ -69,7 +78,10 @@ def predict_cmd(
     # cheap checks first: they answer before torch and the potential are imported (predict checks the rest)
     if reward != "energy":
         _fail(f"--reward {reward!r}: predict ranks by MLIP energy; use `crystalign rl fit` with a config for other rewards")
-    check_counts(n, rl_steps, steps, relax_top, relax_steps)
+    if budget is not None and n is not None and rl_steps == 0:
+        _fail("give -n or --budget, not both: without --rl-steps the budget is the number of candidates")
+    n = 32 if n is None else n
+    check_counts(n, rl_steps, steps, relax_top, relax_steps, budget)
     check_model(model)
     check_device_name(device, "--device")
     if out is not None:
@@ -82,7 +94,7 @@ def predict_cmd(
         warnings.simplefilter("always", PredictWarning)
         try:
             result = predict(
-                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
+                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, budget=budget, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
                 steps=steps, schedule=not no_schedule, formula_units=formula_units, force=force, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
@@ -125,12 +137,13 @@ def predict_cmd(
     typer.echo(f"report: {result.out_dir / 'report.html'}")
 
 
-def check_counts(n: int, rl_steps: int, steps: int | None, relax_top: int, relax_steps: int) -> None:
+def check_counts(n: int, rl_steps: int, steps: int | None, relax_top: int, relax_steps: int, budget: int | None = None) -> None:
     """PredictOptions.validate's checks of the counts, in its words, made here before torch is imported."""
     for bad, msg in (
         (n <= 0, f"-n must be a positive number of candidates, got {n}"),
         (rl_steps < 0, f"--rl-steps must be >= 0, got {rl_steps}"),
         (steps is not None and steps < 2, f"--steps must be >= 2, got {steps}"),
+        (budget is not None and budget < 1, f"--budget must be a positive number of MLIP energy evaluations, got {budget}"),
         (relax_top < 1, f"--relax-top must be >= 1, got {relax_top}"),
         (relax_steps < 0, f"--relax-steps must be >= 0, got {relax_steps}"),
     ):
