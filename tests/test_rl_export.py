@@ -16,10 +16,10 @@ from test_rl_loop import config, rocksalt_reward, tiny_generator
 runner = CliRunner()
 
 
-def _fit(tmp_path, variant: str, fields: list[str]):
+def _fit(tmp_path, variant: str, fields: list[str], **options):
     gen = tiny_generator()
     costs = {f"{f}_{kind}": cost for f in fields for kind, cost in (("policy", 1.0), ("regularization", 1e-3))}
-    cfg = config(variant=variant, fields=fields, steps=7, iterations=2, lr=1e-2, costs=costs)
+    cfg = config(variant=variant, fields=fields, steps=7, iterations=2, lr=1e-2, costs=costs, **options)
     comps = composition_batch(["NaCl", "KBr"], 1).to(dtype=torch.float32)
     RLTrainer(Policy(gen, cfg), rocksalt_reward, cfg, comps, progress=False).fit(tmp_path / f"{variant}_{len(fields)}")
     return gen, tmp_path / f"{variant}_{len(fields)}" / "last.pt"
@@ -45,6 +45,43 @@ def test_exported_velocity_policy_samples_its_mean_path(tmp_path):
     tuned = Generator.load(out)
     assert tuned.model_hash() != gen.model_hash()  # the reinforced weights, not the base's
     sampled, x0 = _samples_its_mean_path(tuned, run)
+
+
+def test_annealed_rollouts_follow_the_annealed_base_sampler_and_export_it(tmp_path):
+    """With anneal {pos: s, cell: c} the rollout moves along (1 + s t) b: before training its mean path is the base
+    model's annealed Euler sampler; the exported model samples with that annealing by default, as its mean path."""
+    from crystalign.rl.config import RLConfig
+
+    anneal = {"pos": 2.0, "cell": 1.0}
+    gen = tiny_generator()
+    cfg = config(variant="velocity", fields=["pos"], steps=7, anneal=anneal)
+    template = composition_batch(["NaCl", "KBr"], 2).to(dtype=torch.float32)
+    x0 = gen.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
+    untrained = rollout(Policy(gen, cfg), template, 7, torch.Generator().manual_seed(1), store=False, noise=False, x0=x0).final
+    annealed = gen.sampler(steps=7, anneal_pos=2.0, anneal_cell=1.0).sample(x0)
+    plain = gen.sampler(steps=7).sample(x0)
+    assert torch.allclose(untrained.frac, annealed.frac, atol=1e-5) and torch.allclose(untrained.lattice, annealed.lattice, atol=1e-4)
+    assert not torch.allclose(untrained.frac, plain.frac, atol=1e-3)
+
+    gen, run = _fit(tmp_path, "velocity", ["pos"], anneal=anneal)
+    base_file = tmp_path / "base.pt"
+    torch.save(gen.checkpoint_dict(), base_file)
+    out = tmp_path / "tuned.pt"
+    res = runner.invoke(app, ["rl", "export", str(run), "--out", str(out), "--base", str(base_file)])
+    assert res.exit_code == 0, res.output
+    tuned = Generator.load(out)
+    sampling = tuned.config.sampling
+    assert (sampling.anneal_pos, sampling.anneal_cell, sampling.steps) == (2.0, 1.0, 7)
+    _samples_its_mean_path(tuned, run)
+    # annealed rollouts are for the velocity variant, with finite non-negative s per field
+    for bad, message in (
+        (dict(variant="scale", anneal={"pos": 2.0}), "needs variant 'velocity'"),
+        (dict(anneal={"species": 1.0}), "anneal"),
+        (dict(anneal={"pos": -1.0}), "anneal.pos"),
+        (dict(anneal={"pos": float("nan")}), "anneal.pos"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            RLConfig(**{"fields": ["pos"], **bad})
 
 
 def test_only_velocity_runs_export(tmp_path):

@@ -15,7 +15,7 @@ import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -292,9 +292,14 @@ class Generator(torch.nn.Module):
         }
 
     @classmethod
-    def tuned(cls, base: "Generator", net: torch.nn.Module, fields: Sequence[str], base_model: str) -> "Generator":
+    def tuned(
+        cls, base: "Generator", net: torch.nn.Module, fields: Sequence[str], base_model: str,
+        anneal: Mapping[str, float] | None = None, steps: int | None = None,
+    ) -> "Generator":
         """An RL-tuned model: the velocities of ``fields`` from ``net`` (the reinforced copy of ``base.net``), every
-        other output from ``base``. Its default sampler is plain Euler, the mean path of the velocity-based policy.
+        other output from ``base``. Its default sampler is Euler with the run's velocity annealing ``anneal``
+        (``{"pos": s}``; none by default) at ``steps`` time points (default: the base's), the mean path of the
+        velocity-based policy.
 
         ``base_model`` is how a saved copy finds its base again: a shipped model name, or a path (relative paths are
         taken from the saved model's folder)."""
@@ -303,7 +308,10 @@ class Generator(torch.nn.Module):
         if base.tuned_from is not None:
             raise ValueError("the base of an RL-tuned model must be a base model, not another RL-tuned model")
         config = from_dict(GeneratorConfig, to_dict(base.config))
-        config.sampling.method, config.sampling.anneal_pos, config.sampling.anneal_cell = "euler", 0.0, 0.0
+        anneal = anneal or {}
+        config.sampling.method, config.sampling.anneal_pos, config.sampling.anneal_cell = "euler", anneal.get("pos", 0.0), anneal.get("cell", 0.0)
+        if steps is not None:
+            config.sampling.steps = steps
         with torch.random.fork_rng(devices=[]):
             gen = cls(config, base.base, coverage=base.coverage)
         gen.net = FieldSplitNet(base.net, net, fields)
@@ -335,7 +343,11 @@ class Generator(torch.nn.Module):
 
             gen.schedule = VelocitySchedule.from_dict(ckpt["schedule"], where=f"{where}:schedule").checked_for(gen, where=f"{where}:schedule")
         if ckpt.get("tuned_from") is not None:
-            gen = cls.tuned(_tuned_base(ckpt["tuned_from"], where, folder), gen.net, ckpt["tuned_from"].get("fields") or [], ckpt["tuned_from"]["model"])
+            sampling = config.sampling  # the tuned model's own default sampler (its RL run's annealing and steps)
+            gen = cls.tuned(
+                _tuned_base(ckpt["tuned_from"], where, folder), gen.net, ckpt["tuned_from"].get("fields") or [], ckpt["tuned_from"]["model"],
+                anneal={"pos": sampling.anneal_pos, "cell": sampling.anneal_cell}, steps=sampling.steps,
+            )
         gen.eval()
         return gen
 

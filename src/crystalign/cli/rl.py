@@ -468,9 +468,14 @@ def export_cmd(
             "versions": versions(),
         }
     }
+    anneal = policy.config.anneal
     if sorted(policy.config.fields) == ["cell", "pos"] and not ref.is_dng:
         ref.net.load_state_dict(policy.net.state_dict())
         ref.schedule = None
+        # its default sampler is the policy's mean path: Euler with the rollouts' annealing and time points
+        sampling = ref.config.sampling
+        sampling.method, sampling.steps = "euler", policy.config.steps
+        sampling.anneal_pos, sampling.anneal_cell = anneal.get("pos", 0.0), anneal.get("cell", 0.0)
         save_torch(out, ref.checkpoint_dict({"provenance": provenance}))
         typer.echo(f"wrote {out} (the network of iteration {state.get('iteration')}, reinforced from model {base_hash})")
         return
@@ -489,7 +494,7 @@ def export_cmd(
         _fail(f"--base {base} has hash {given.model_hash()}, but the run was reinforced from a base with hash {base_hash}")
     if base not in shipped_models():  # a file: found again relative to the exported model's folder
         base = os.path.relpath(Path(base).resolve(), out.resolve().parent)
-    gen = Generator.tuned(ref, policy.net, policy.config.fields, base)
+    gen = Generator.tuned(ref, policy.net, policy.config.fields, base, anneal=anneal, steps=policy.config.steps)
     save_torch(out, gen.checkpoint_dict({"provenance": provenance}))
     typer.echo(
         f"wrote {out} (the {', '.join(policy.config.fields)} velocity of iteration {state.get('iteration')}, the rest "

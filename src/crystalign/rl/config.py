@@ -84,6 +84,9 @@ class RLConfig:
     max_invalid_fraction: float = 0.95
     duplicate_check: bool = True
     scale_model: str | None = None
+    #: constant velocity annealing s of each field's rollout steps, (1 + s t) b as the base sampler's
+    #: ``anneal_pos``/``anneal_cell`` (velocity variant only): reinforce the policy on the path it will be sampled with
+    anneal: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     num_threads: int | None = None
 
@@ -119,6 +122,12 @@ class RLConfig:
         if missing_noise:
             raise ValueError(f"noise: no schedule for the reinforced field(s) {missing_noise} (e.g. {{kind: sqrt, a: 0.1668}})")
         require(self.variant in VARIANTS, "variant", f"one of {VARIANTS}", self.variant)
+        self.anneal = dict(self.anneal or {})
+        for f, s in self.anneal.items():
+            require(f in FIELDS, "anneal", f"keyed by fields {FIELDS}", f)
+            require(is_finite_number(s) and s >= 0, f"anneal.{f}", "a finite number >= 0", s)
+        if any(self.anneal.values()) and self.variant != "velocity":
+            raise ValueError(f"anneal: velocity annealing of the rollouts needs variant 'velocity', not {self.variant!r}")
         with torch.random.fork_rng(devices=[]):  # a learnable schedule initialises weights: leave the caller's RNG alone
             for f in self.fields:
                 build_noise_schedule(self.noise[f], where=f"noise.{f}")

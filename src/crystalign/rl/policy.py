@@ -240,12 +240,18 @@ class Parametrisation(nn.Module, ABC):
 
 class Velocity(Parametrisation):
     r"""Velocity RL relative to the base: :math:`\mu_\theta = k(t)(b_\theta - b_\text{ref})\Delta t`,
-    :math:`x' = x + k(t)\,b_\text{ref}\Delta t + a`, with speed :math:`k \equiv 1`."""
+    :math:`x' = x + k(t)\,b_\text{ref}\Delta t + a`, with speed :math:`k(t) = 1 + s\,t`: the base sampler's
+    constant velocity annealing (``anneal`` = s, 0 for plain Euler), so the policy is reinforced on the path it
+    will be sampled with."""
 
     name = "velocity"
 
+    def __init__(self, anneal: float = 0.0) -> None:
+        super().__init__()
+        self.anneal = float(anneal)
+
     def speed(self, step: Step, field: str) -> torch.Tensor | float:
-        return 1.0
+        return 1.0 + self.anneal * step.t if self.anneal else 1.0
 
     def _k_dt(self, step: Step, like: torch.Tensor, field: str) -> torch.Tensor:
         return step.per_element(self.speed(step, field) * step.dt, like, field == "pos")
@@ -467,10 +473,12 @@ class GaussianTransition(nn.Module):
         return entropy(sigma, self._expand(step.dt, step, like)).expand_as(like)
 
 
-def euler_step(x: torch.Tensor, b: torch.Tensor, step: Step, field: str) -> torch.Tensor:
-    """Noise-free Euler step :math:`x + b\\,\\Delta t` (wrapped for positions): how a disabled field moves."""
+def euler_step(x: torch.Tensor, b: torch.Tensor, step: Step, field: str, anneal: float = 0.0) -> torch.Tensor:
+    """Noise-free Euler step :math:`x + (1 + s\\,t)\\,b\\,\\Delta t` (wrapped for positions): how a disabled field
+    moves (``anneal`` = s, the base sampler's velocity annealing of the field)."""
     _check_field(field)
-    x_next = x + step.per_element(step.dt, b, field == "pos") * b
+    speed_dt = (1.0 + anneal * step.t) * step.dt if anneal else step.dt
+    x_next = x + step.per_element(speed_dt, b, field == "pos") * b
     return wrap(x_next) if field == "pos" else x_next
 
 
@@ -481,14 +489,18 @@ def make_transition(
     reference_noise: NoiseSchedule | Mapping[str, Any] | None = None,
     gamma: Callable[[torch.Tensor], torch.Tensor] | Any | None = None,
     scale_model: ScaleMLP | None = None,
+    anneal: float = 0.0,
 ) -> GaussianTransition:
     """Build the transition of one field for ``variant`` in :data:`VARIANTS`.
 
     ``gamma`` (base interpolant's :math:`\\gamma`) is required by ``score``; ``scale_model`` (frozen, pre-learned
-    :math:`s(t)`) by ``scaled_velocity``. Noise schedules may be given as config dicts.
+    :math:`s(t)`) by ``scaled_velocity``; ``anneal`` (constant velocity annealing s, speed 1 + s t) is for
+    ``velocity`` only. Noise schedules may be given as config dicts.
     """
+    if anneal and variant != "velocity":
+        raise ValueError(f"velocity annealing of the rollouts (anneal) needs the 'velocity' variant, not {variant!r}")
     if variant == "velocity":
-        param: Parametrisation = Velocity()
+        param: Parametrisation = Velocity(anneal)
     elif variant == "scaled_velocity":
         if scale_model is None:
             raise ValueError("the scaled_velocity variant needs a (pre-learned) scale_model")

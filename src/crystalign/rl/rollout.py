@@ -59,16 +59,19 @@ class Policy(nn.Module):
                         f"{[g for g in FIELDS if reference.interpolants[g].uses_denoiser]}, or use variant 'velocity'"
                     )
                 gammas[f] = ip.gamma_schedule
-        if reference.config.sampling.anneal_pos or reference.config.sampling.anneal_cell:
+        if (reference.config.sampling.anneal_pos or reference.config.sampling.anneal_cell) and not any(config.anneal.values()):
             warnings.warn(
-                "the base model samples with velocity annealing (sampling.anneal_pos/anneal_cell), which RL ignores: "
-                "the policy starts from the un-annealed velocity field",
+                "the base model samples with velocity annealing (sampling.anneal_pos/anneal_cell), which this RL run "
+                "does not use (set anneal: {pos: S} to roll out with it): the policy starts from the un-annealed path",
                 stacklevel=2,
             )
         ref_noise = config.reference_noise or {}
         self.transitions = nn.ModuleDict(
             {
-                f: make_transition(config.variant, f, config.noise[f], ref_noise.get(f), gamma=gammas.get(f), scale_model=scale_model)
+                f: make_transition(
+                    config.variant, f, config.noise[f], ref_noise.get(f), gamma=gammas.get(f), scale_model=scale_model,
+                    anneal=config.anneal.get(f, 0.0),
+                )
                 for f in config.fields
             }
         )
@@ -159,7 +162,7 @@ def rollout(
                     new[f] = tr.next_state(state[f], action, step, ref[f])
                     actions[f], logps[f] = action, logp
                 else:
-                    new[f] = euler_step(state[f], ref[f].b, step, f)
+                    new[f] = euler_step(state[f], ref[f].b, step, f, anneal=policy.config.anneal.get(f, 0.0))
             if store:
                 traj.pos.append(pos)
                 traj.cell.append(cell)
