@@ -494,11 +494,10 @@ def make_transition(
     """Build the transition of one field for ``variant`` in :data:`VARIANTS`.
 
     ``gamma`` (base interpolant's :math:`\\gamma`) is required by ``score``; ``scale_model`` (frozen, pre-learned
-    :math:`s(t)`) by ``scaled_velocity``; ``anneal`` (constant velocity annealing s, speed 1 + s t) is for
-    ``velocity`` only. Noise schedules may be given as config dicts.
+    :math:`s(t)`) by ``scaled_velocity``; ``anneal`` (constant velocity annealing s, speed 1 + s t) is used by
+    ``velocity`` only (:class:`~crystalign.rl.config.RLConfig` refuses it with the others). Noise schedules may be
+    given as config dicts.
     """
-    if anneal and variant != "velocity":
-        raise ValueError(f"velocity annealing of the rollouts (anneal) needs the 'velocity' variant, not {variant!r}")
     if variant == "velocity":
         param: Parametrisation = Velocity(anneal)
     elif variant == "scaled_velocity":
