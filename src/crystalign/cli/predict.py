@@ -71,7 +71,7 @@ def predict_cmd(
       crystalign predict BaZrO3 -n 64 --rl-steps 30 --out predictions/BaZrO3
       crystalign predict CaTiO3 --rl-steps 0 --no-relax
       crystalign predict BaTiO3 --budget 704 --rl-steps 100       # RL iterations as the 704 MLIP evaluations pay for
-      crystalign predict C --model carbon_24 -z auto -n 16     # cells of 6 to 24 carbon atoms
+      crystalign predict C --model carbon_24_energy -z auto -n 16   # cells of 6 to 24 carbon atoms (RL-tuned model)
       crystalign predict BaTiO3 --backend mace --mlip-model mace-mpa-0-medium.model   # a local MACE file
     """
     use_threads(threads, small_batches=True)
