@@ -11,7 +11,7 @@ from crystalign.generator import Generator, composition_batch
 from crystalign.rl.checkpoints import load_policy
 from crystalign.rl.rollout import Policy, rollout
 from crystalign.rl.trainer import RLTrainer
-from test_rl_loop import config, rocksalt_reward, tiny_generator
+from test_rl_loop import config, mean_path, rocksalt_reward, tiny_generator
 
 runner = CliRunner()
 
@@ -29,11 +29,10 @@ def _samples_its_mean_path(tuned: Generator, run):
     """Plain Euler of the exported model equals the RL policy's mean path from the same x0; returns (samples, x0)."""
     policy, _ = load_policy(run)
     template = composition_batch(["NaCl", "KBr"], 2).to(dtype=torch.float32)
-    x0 = tuned.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
-    mean_path = rollout(policy, template, 7, torch.Generator().manual_seed(1), store=False, noise=False, x0=x0).final
+    path, x0 = mean_path(policy, tuned, template, 7)
     sampled = tuned.sampler(steps=7).sample(x0)
-    assert torch.allclose(sampled.frac, mean_path.frac, atol=1e-5)
-    assert torch.allclose(sampled.lattice, mean_path.lattice, atol=1e-4)
+    assert torch.allclose(sampled.frac, path.frac, atol=1e-5)
+    assert torch.allclose(sampled.lattice, path.lattice, atol=1e-4)
     return sampled, x0
 
 
@@ -56,8 +55,7 @@ def test_annealed_rollouts_follow_the_annealed_base_sampler_and_export_it(tmp_pa
     gen = tiny_generator()
     cfg = config(variant="velocity", fields=["pos"], steps=7, anneal=anneal)
     template = composition_batch(["NaCl", "KBr"], 2).to(dtype=torch.float32)
-    x0 = gen.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
-    untrained = rollout(Policy(gen, cfg), template, 7, torch.Generator().manual_seed(1), store=False, noise=False, x0=x0).final
+    untrained, x0 = mean_path(Policy(gen, cfg), gen, template, 7)
     annealed = gen.sampler(steps=7, anneal_pos=2.0, anneal_cell=1.0).sample(x0)
     plain = gen.sampler(steps=7).sample(x0)
     assert torch.allclose(untrained.frac, annealed.frac, atol=1e-5) and torch.allclose(untrained.lattice, annealed.lattice, atol=1e-4)

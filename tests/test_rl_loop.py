@@ -44,12 +44,18 @@ def config(**kw) -> RLConfig:
     return cfg
 
 
+def mean_path(policy, gen, template, steps: int):
+    """The policy's noise-free rollout over ``steps`` time points and the x0 it started from (drawn from ``gen``'s
+    base distribution, seed 0), to compare with a sampler integrating the same x0."""
+    x0 = gen.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
+    return rollout(policy, template, steps, torch.Generator().manual_seed(1), store=False, noise=False, x0=x0).final, x0
+
+
 def test_scale_policy_with_zero_noise_reproduces_base_sampler():
     gen = tiny_generator()
     policy = Policy(gen, config(variant="scale", fields=["pos", "cell"]))
     template = composition_batch(["SrTiO3", "KNbO3"], 2).to(dtype=torch.float32)
-    x0 = gen.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
-    rl = rollout(policy, template, 9, torch.Generator().manual_seed(1), store=False, noise=False, x0=x0).final
+    rl, x0 = mean_path(policy, gen, template, 9)
     base = gen.sampler(steps=9).sample(x0)
     assert torch.allclose(rl.frac, base.frac, atol=1e-6)
     assert torch.allclose(rl.lattice, base.lattice, atol=1e-5)
@@ -59,8 +65,7 @@ def test_velocity_policy_at_init_with_zero_noise_reproduces_base_sampler():
     gen = tiny_generator()
     policy = Policy(gen, config(variant="velocity", fields=["pos"]))
     template = composition_batch(["SrTiO3"], 3).to(dtype=torch.float32)
-    x0 = gen.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
-    rl = rollout(policy, template, 7, torch.Generator().manual_seed(1), store=False, noise=False, x0=x0).final
+    rl, x0 = mean_path(policy, gen, template, 7)
     base = gen.sampler(steps=7).sample(x0)
     assert torch.allclose(rl.frac, base.frac, atol=1e-6) and torch.allclose(rl.lattice, base.lattice, atol=1e-5)
 

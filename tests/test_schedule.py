@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 from crystalign.cli import app
 from crystalign.generator import Generator, composition_batch
 from crystalign.io import save_torch
-from crystalign.rl.rollout import Policy, rollout
+from crystalign.rl.rollout import Policy
 from crystalign.rl.scale import ScaleMLP
 from crystalign.rl.trainer import RLTrainer
 from crystalign.schedule import VelocitySchedule
-from test_rl_loop import config, rocksalt_reward, tiny_generator
+from test_rl_loop import config, mean_path, rocksalt_reward, tiny_generator
 
 runner = CliRunner()
 
@@ -38,8 +38,7 @@ def test_schedule_sampler_is_the_scale_policys_mean_path():
     policy = Policy(gen, config(variant="scale", fields=["pos", "cell"]))
     policy.scale.load_state_dict(_varied_scale().state_dict())
     template = composition_batch(["SrTiO3", "KNbO3"], 2).to(dtype=torch.float32)
-    x0 = gen.base_sample(template.species, template.n_atoms, torch.Generator().manual_seed(0))
-    rl = rollout(policy, template, 9, torch.Generator().manual_seed(1), store=False, noise=False, x0=x0).final
+    rl, x0 = mean_path(policy, gen, template, 9)
     schedule = VelocitySchedule(policy.scale, steps=9, model_hash=gen.model_hash())
     s = schedule.values([0.1, 0.9])
     assert abs(s["pos"][0] - s["pos"][1]) > 1e-3 and s["pos"] != s["cell"]  # a real, time-dependent schedule

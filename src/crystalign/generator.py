@@ -308,10 +308,7 @@ class Generator(torch.nn.Module):
         if base.tuned_from is not None:
             raise ValueError("the base of an RL-tuned model must be a base model, not another RL-tuned model")
         config = from_dict(GeneratorConfig, to_dict(base.config))
-        anneal = anneal or {}
-        config.sampling.method, config.sampling.anneal_pos, config.sampling.anneal_cell = "euler", anneal.get("pos", 0.0), anneal.get("cell", 0.0)
-        if steps is not None:
-            config.sampling.steps = steps
+        config.sampling.follow_policy(anneal, steps)
         with torch.random.fork_rng(devices=[]):
             gen = cls(config, base.base, coverage=base.coverage)
         gen.net = FieldSplitNet(base.net, net, fields)

@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Mapping
 
 import torch
 
@@ -46,6 +46,14 @@ class SamplerConfig:
             raise ValueError(f"steps must be >= 2 time points, got {self.steps}")
         if self.method not in ("euler", "heun", "sde"):
             raise ValueError(f"method must be 'euler', 'heun' or 'sde', got {self.method!r}")
+
+    def follow_policy(self, anneal: Mapping[str, float] | None = None, steps: int | None = None) -> None:
+        """Make this the mean path of a velocity-based RL policy: Euler with its rollouts' constant annealing
+        (``{"pos": s, "cell": c}``, none by default) at its ``steps`` time points (None: keep these)."""
+        anneal = anneal or {}
+        self.method, self.anneal_pos, self.anneal_cell = "euler", anneal.get("pos", 0.0), anneal.get("cell", 0.0)
+        if steps is not None:
+            self.steps = steps
 
 
 class FieldNet:

@@ -472,10 +472,7 @@ def export_cmd(
     if sorted(policy.config.fields) == ["cell", "pos"] and not ref.is_dng:
         ref.net.load_state_dict(policy.net.state_dict())
         ref.schedule = None
-        # its default sampler is the policy's mean path: Euler with the rollouts' annealing and time points
-        sampling = ref.config.sampling
-        sampling.method, sampling.steps = "euler", policy.config.steps
-        sampling.anneal_pos, sampling.anneal_cell = anneal.get("pos", 0.0), anneal.get("cell", 0.0)
+        ref.config.sampling.follow_policy(anneal, policy.config.steps)  # its default sampler is the policy's mean path
         save_torch(out, ref.checkpoint_dict({"provenance": provenance}))
         typer.echo(f"wrote {out} (the network of iteration {state.get('iteration')}, reinforced from model {base_hash})")
         return
