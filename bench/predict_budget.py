@@ -9,6 +9,10 @@ Two ways to spend the same number of MLIP energy evaluations before relaxation:
       + n evaluations (704 with --rl-steps 20 and the other defaults of :class:`crystalign.prediction.PredictOptions`);
   (d) ``tuned_rl``: as (c), starting from the RL-tuned model.
 
+(c) and (d) rank every rollout RL's reward scored with the candidates (predict's ``rank_rollouts``, on by default);
+``rl_policy_only`` and ``tuned_rl_policy_only`` are the same runs ranking only the base and the final policy's
+candidates (``rank_rollouts=False``), the ablation of that choice.
+
 ``--methods`` picks the arms (default: all whose model exists); every arm is compared with (a).
 
 Both relax their lowest-energy distinct candidates (default relax options). Per query and method the script
@@ -40,7 +44,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 TIE_EV = 1e-3  # |difference| below 1 meV/atom is a tie
-METHODS = ("best_of_n", "rl", "tuned_best_of_n", "tuned_rl")
+METHODS = ("best_of_n", "rl", "tuned_best_of_n", "tuned_rl", "rl_policy_only", "tuned_rl_policy_only")
+DEFAULT_METHODS = METHODS[:4]
 ALLOTROPES = ("diamond", "lonsdaleite", "graphite")
 
 
@@ -181,6 +186,9 @@ def run_one(
     model = query["tuned_model"] if method.startswith("tuned_") else query["model"]
     # predict's own --budget splits the evaluations: all candidates without RL, else n + RL iterations + n
     options: dict[str, Any] = {"model": model, "seed": query["seed"], "budget": n_equal, "rl_steps": 0 if method.endswith("best_of_n") else rl_steps}
+    options["tuned"] = False  # each arm samples the model it names (predict would swap carbon_24 for carbon_24_energy)
+    if method.endswith("_policy_only"):
+        options["rank_rollouts"] = False
     counter.reset()
     with tempfile.TemporaryDirectory(prefix="predict_budget_") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -217,6 +225,7 @@ def run_one(
         "mlip_energy_evals_counted_rl_training": counter.counts.get("pre_relax_rl:energies", 0),
         "mlip_calls_counted": dict(sorted(counter.counts.items())),
         "n_candidates": summary.get("n_candidates"),
+        "n_rollout_candidates": summary.get("n_rollout_candidates"),
         "n_valid": summary.get("n_valid"),
         "n_distinct_before_relax": summary.get("n_distinct_before_relax"),
         "n_relaxed": summary.get("n_relaxed"),
@@ -326,11 +335,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=20, help="held-out perov_5 structures (the first COUNT of the dev split)")
+    ap.add_argument("--start", type=int, default=0, help="skip the first START of those (to split the queries over processes)")
     ap.add_argument("--carbon", type=int, nargs="*", default=[8, 12, 16], help="carbon cell sizes C<k> for model carbon_24 (none: skip)")
     ap.add_argument("--out", default="bench/results/predict_budget.json", help="results JSON (also the resume state)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of this process")
     ap.add_argument("--rl-steps", type=int, default=20, help="iterations of per-query RL in the RL arm (predict's default is 0)")
-    ap.add_argument("--methods", nargs="*", default=None, choices=METHODS, help="arms to run (default: all; the tuned_* arms need --tuned)")
+    ap.add_argument("--methods", nargs="*", default=None, choices=METHODS, help="arms to run (default: (a)-(d); the tuned_* arms need --tuned)")
     ap.add_argument(
         "--tuned", nargs="*", default=["perov_5=perov_5_energy", "carbon_24=carbon_24_energy"], metavar="BASE=TUNED",
         help="the RL-tuned model of each base model, for arms (b) and (d); a base without one skips them",
@@ -354,7 +364,7 @@ def main() -> None:
             resolve_model(name)
         except FileNotFoundError:
             del tuned[base]
-    methods = [m for m in (args.methods or METHODS) if not m.startswith("tuned_") or tuned]
+    methods = [m for m in (args.methods or DEFAULT_METHODS) if not m.startswith("tuned_") or tuned]
     defaults = PredictOptions()
     n_equal = defaults.n + args.rl_steps * defaults.rl_groups * defaults.rl_group_size + defaults.n
 
@@ -364,6 +374,8 @@ def main() -> None:
             warnings.simplefilter("ignore")
             _, hold, _ = load_training_data(DataConfig(dataset="perov_5", niggli=True))
         for i, ref in enumerate(hold[: args.count].to_structures()):
+            if i < args.start:
+                continue
             formula = ref.composition.formula.replace(" ", "")
             queries.append({"dataset": "perov_5", "id": f"perov_5/{i}:{formula}", "composition": formula, "model": "perov_5", "seed": i, "reference": ref})
     carbon = [{"dataset": "carbon", "id": f"carbon/C{size}", "composition": f"C{size}", "model": "carbon_24", "seed": k} for k, size in enumerate(args.carbon)]

@@ -26,6 +26,11 @@ def main() -> None:
     ap.add_argument("--dng-eval", default=None, help="JSON written by bench/dng_eval.py (de novo models)")
     ap.add_argument("--gap-eval", default=None, help="JSON written by bench/energy_gap.py (RL-tuned models)")
     ap.add_argument("--gap-row", default=None, help="the row of --gap-eval that is this model (its 'sampler' name)")
+    ap.add_argument(
+        "--predict-replaces-base", default=None, metavar="EVIDENCE",
+        help="an RL-tuned model that `predict` should sample instead of its base (it found lower relaxed energies at "
+        "an equal MLIP budget): the evidence, e.g. the BENCHMARKS.md section",
+    )
     ap.add_argument("--command", default="")
     ap.add_argument("--description", default="")
     ap.add_argument(
@@ -90,6 +95,11 @@ def main() -> None:
             "this_model": rows[args.gap_row],
             "reference": rows.get("reference"),
         }
+    if args.predict_replaces_base:
+        if "tuned_from" not in card:
+            raise SystemExit("--predict-replaces-base is for an RL-tuned model (this checkpoint has no base model)")
+        card["predict_replaces_base"] = True
+        card["predict_evidence"] = args.predict_replaces_base
     dest = pretrained_dir() / f"{args.name}.pt"
     save_torch(dest, ckpt)
     write_json(dest.with_suffix(".json"), card)

@@ -88,6 +88,27 @@ def test_a_cell_outside_the_training_range_picks_formula_units_inside_it(tmp_pat
     assert all(len(s) >= 6 for s in result.structures)
 
 
+def test_predict_samples_the_rl_tuned_model_where_its_card_says_it_found_lower_energies(tmp_path):
+    """carbon_24_energy's card says it relaxed to lower energies than carbon_24 at an equal MLIP budget: predict on
+    carbon_24 draws its candidates from it and says so; --no-tuned keeps the base. perov_5_energy makes no such
+    claim, so perov_5 samples itself, and a checkpoint path is taken as given."""
+    from crystalign.generator import Generator, resolve_model
+    from crystalign.prediction import candidate_model
+
+    assert candidate_model("carbon_24") == "carbon_24_energy"
+    assert candidate_model("perov_5") == "perov_5" and candidate_model("carbon_24_energy") == "carbon_24_energy"
+    path = str(resolve_model("carbon_24"))
+    assert candidate_model(path) == path
+    res = CliRunner().invoke(app, ["predict", "C8", "-m", "carbon_24", "-n", "2", "--steps", "4", "--no-relax", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert "candidates from carbon_24_energy, the RL-tuned model of carbon_24" in res.output
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["model"] == "carbon_24_energy" and summary["requested_model"] == "carbon_24"
+    assert summary["model_hash"] == Generator.load("carbon_24_energy").model_hash()
+    plain = predict("C8", model="carbon_24", tuned=False, out=str(tmp_path / "q"), progress=False, n=2, rl_steps=0, steps=4, relax=False)
+    assert plain.summary["model"] == "carbon_24" and plain.summary["model_hash"] == Generator.load("carbon_24").model_hash()
+
+
 def test_a_composition_the_model_cannot_cover_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"SrPO3: element\(s\) P never appear in model perov_5's training data"):
         predict("SrPO3", out=str(tmp_path / "p"), progress=False, n=2, rl_steps=0, relax=False)
@@ -106,7 +127,8 @@ def test_formula_units_scan_cell_sizes(tmp_path):
     result = predict("C", model="carbon_24", formula_units="6,8", out=str(tmp_path / "p"), progress=False, n=3, rl_steps=10,
                      budget=21, rl_group_size=2, rl_groups=2, steps=4, relax=False)
     assert result.summary["cells"] == ["C6", "C8"]
-    assert result.summary["n_candidates"] == 12  # 3 per size from the base model, 3 per size from the RL policy
+    # 3 per size from the base model, 3 per size from the RL policy, and the 2 x 4 rollouts RL's reward scored
+    assert result.summary["n_candidates"] == 20 and result.summary["n_rollout_candidates"] == 8
     assert result.summary["rl_steps"] == 2 and len(json.loads((tmp_path / "p" / "summary.json").read_text())["rl_history"]) == 2
     assert result.summary["mlip_energy_evaluations"] == 20 and result.summary["budget"] == 21
     # without RL the budget is the number of candidates, split evenly over the cell sizes
@@ -115,6 +137,20 @@ def test_formula_units_scan_cell_sizes(tmp_path):
     sizes = sorted(len(s) for s in read_structures(tmp_path / "p" / "base.extxyz").batch.to_structures())
     assert sizes == [6, 6, 6, 8, 8, 8]
     assert all(s.composition.reduced_formula == "C" for s in result.structures)
+    # the energies stored with the rollouts are the potential's energies of those very structures
+    from crystalign.prediction import _read_rollouts
+    from crystalign.rewards import EnergyReward
+    from crystalign.rewards.mlip import get_backend
+
+    rollouts = _read_rollouts(tmp_path / "p" / "rl_rollouts", 2)
+    assert [r[0].num_structures for r in rollouts] == [4, 4]
+    again = EnergyReward(get_backend("sevenn").load())(rollouts[1][0]).info["energy_per_atom_ev"].double()
+    torch.testing.assert_close(again, rollouts[1][1], equal_nan=True, atol=1e-5, rtol=0)
+    # the ablation ranks the base and policy candidates only, from the same RL run
+    policy_only = predict("C", model="carbon_24", formula_units="6,8", out=str(tmp_path / "r"), progress=False, n=3, rl_steps=10,
+                          budget=21, rl_group_size=2, rl_groups=2, steps=4, relax=False, rank_rollouts=False)
+    assert policy_only.summary["n_candidates"] == 12 and policy_only.summary["n_rollout_candidates"] == 0
+    assert not (tmp_path / "r" / "rl_rollouts").exists()
     # auto: the multiples inside the model's training range of cell sizes, spread evenly, at most six
     assert cell_formulas("C", "auto", {"n_atoms_min": 6, "n_atoms_max": 24}) == ["C6", "C10", "C13", "C17", "C20", "C24"]
     assert cell_formulas("SrTiO3", "2,1,2", None) == ["SrTiO3", "Sr2Ti2O6"]
@@ -221,6 +257,9 @@ def test_ctrl_c_keeps_partial_results_and_resume_finishes(tmp_path):
     assert (out / "base.extxyz").read_bytes() == base  # finished stages are not redone
     summary = json.loads((out / "summary.json").read_text())
     assert [r["iteration"] for r in summary["rl_history"]] == list(range(1, 13))
+    # every iteration's scored rollouts are kept across the kill, once each
+    assert sorted(p.name for p in (out / "rl_rollouts").iterdir()) == [f"{i:04d}.extxyz" for i in range(1, 13)]
+    assert summary["n_rollout_candidates"] == 12 * 32
 
 
 def test_relaxation_reports_convergence_and_a_failure_keeps_the_unrelaxed_geometry(tmp_path, perov_val_csv):

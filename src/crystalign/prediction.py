@@ -58,6 +58,9 @@ class PredictOptions:
     composition: str = DEFAULT_COMPOSITION
     n: int = 32
     model: str = DEFAULT_MODEL
+    #: draw the candidates from the shipped RL-tuned model of a shipped base whose card says it found lower relaxed
+    #: energies at an equal MLIP budget (carbon_24 -> carbon_24_energy); False: the model as named
+    tuned: bool = True
     backend: str = "sevenn"
     mlip_model: str | None = None
     #: fidelity of a multi-fidelity SevenNet model (e.g. PBE or R2SCAN for 7net-mf-0)
@@ -70,6 +73,9 @@ class PredictOptions:
     rl_groups: int = 4
     rl_lr: float = 3e-4
     rl_noise: float = 0.1668100537
+    #: rank RL's rollouts with the candidates: the reward already scored every one of them, so best-of-N over them
+    #: costs no MLIP evaluation (False: only the base and the final policy's candidates, for ablations)
+    rank_rollouts: bool = True
     #: MLIP energy evaluations before relaxation for the whole query (None: -n and rl_steps as given). Without RL the
     #: base model samples all of them, split evenly over the cell sizes (it sets n); with RL, n base and n policy
     #: candidates per cell size come first and RL runs as many of its rl_steps iterations as the rest pays for
@@ -415,6 +421,24 @@ def untrusted_reasons(structures: list, energies: np.ndarray, relax_records: lis
 
 
 # ---------------------------------------------------------------------- the pipeline
+def candidate_model(model: str) -> str:
+    """The model whose candidates `predict` ranks for ``model``: for a shipped base model, its shipped RL-tuned model
+    if that model's card sets ``predict_replaces_base`` (it found lower relaxed energies than its base at an equal MLIP
+    budget, BENCHMARKS.md) and was tuned from this very base (same hash); otherwise ``model`` itself."""
+    from crystalign.generator import pretrained_dir
+
+    base_card = pretrained_dir() / f"{model}.json"
+    if not base_card.exists():  # a checkpoint path, or a shipped model without a card
+        return model
+    base_hash = json.loads(base_card.read_text()).get("model_hash")
+    for card_path in sorted(pretrained_dir().glob("*.json")):
+        card = json.loads(card_path.read_text())
+        tuned_from = card.get("tuned_from") or {}
+        if card.get("predict_replaces_base") and tuned_from.get("model") == model and tuned_from.get("hash") == base_hash:
+            return card_path.stem
+    return model
+
+
 def default_out_dir(composition: str) -> Path:
     """Where :func:`predict` writes without ``out``: ``predictions/<reduced formula>``."""
     from pymatgen.core import Composition
@@ -424,7 +448,7 @@ def default_out_dir(composition: str) -> Path:
 
 def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **options: Any) -> PredictResult:
     """Predict likely low-energy structures of ``composition``; see :class:`PredictOptions` for options."""
-    from crystalign.rewards import EnergyReward
+    from crystalign.rewards import EnergyReward, RewardResult
     from crystalign.rewards.mlip import get_backend
     from crystalign.provenance import versions
 
@@ -443,7 +467,8 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     remove_stale_parts(out, recursive=True)  # temporary files of writes that a kill interrupted (rl/, relax/, ...)
     try:
         stages = _Stages(out, opts, opts.resume)
-        gen = Generator.load(opts.model).to(opts.device)
+        sampled_model = candidate_model(opts.model) if opts.tuned else opts.model
+        gen = Generator.load(sampled_model).to(opts.device)
         gen.check_csp("`predict`")
         cells, size_note = _cells_inside_coverage(opts, gen.coverage)
         opts = opts.within_budget(len(cells))
@@ -472,7 +497,8 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         "composition": opts.composition,
         "formula": formula,
         "cells": cells,
-        "model": opts.model,
+        "model": sampled_model,
+        "requested_model": opts.model,
         "model_hash": gen.model_hash(),
         "reward": f"energy per atom ({opts.backend})",
         "mlip": dict(backend.identity),
@@ -506,7 +532,6 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     seconds["base"], t_stage = time.time() - t_stage, time.time()
     # 2. inference-time RL on this composition
     history: list[dict[str, Any]] = []
-    candidates = base
     rl_result = None
     rl_stopped = None
     if opts.rl_steps > 0:
@@ -517,8 +542,14 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         except RLDivergedError as err:
             # e.g. a composition the model cannot make valid structures of: the base candidates still get ranked
             rl_stopped = str(err)
-            warnings.warn(f"{formula}: inference-time RL stopped ({err}); ranking the base model's candidates only", RLStoppedWarning, stacklevel=2)
+            warnings.warn(
+                f"{formula}: inference-time RL stopped ({err}); ranking the base model's candidates"
+                + (" and the rollouts scored before it stopped" if opts.rank_rollouts else " only"),
+                RLStoppedWarning, stacklevel=2,
+            )
     seconds["rl"], t_stage = time.time() - t_stage, time.time()
+    rollouts = _read_rollouts(out / "rl_rollouts", opts.rl_steps) if opts.rl_steps > 0 and opts.rank_rollouts else []
+    parts = [(base, base_result.info["energy_per_atom_ev"], base_result.info["valid"]), *rollouts]
     if opts.rl_steps > 0 and rl_stopped is None:
         rl_path = out / "rl_samples.extxyz"
         if not stages.done("rl_samples"):
@@ -533,10 +564,13 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             stages.mark("rl_samples")
         rl_candidates = _read_extxyz(rl_path)
         rl_result = reward(rl_candidates)
-        # rank the union: a short per-query RL run can only add better candidates, never lose the base ones
-        candidates = CrystalBatch.cat([base, rl_candidates])
+        parts.append((rl_candidates, rl_result.info["energy_per_atom_ev"], rl_result.info["valid"]))
     sampled_energy = (rl_result if rl_result is not None else base_result).info["energy_per_atom_ev"].numpy()
-    cand_result = reward(candidates) if rl_result is not None else base_result
+    # rank the union: a per-query RL run can only add candidates, never lose the base ones
+    candidates = CrystalBatch.cat([p[0] for p in parts]) if len(parts) > 1 else base
+    cand_energy = torch.cat([p[1].double().cpu() for p in parts])
+    cand_result = RewardResult(-cand_energy, {"energy_per_atom_ev": cand_energy, "valid": torch.cat([p[2].double().cpu() for p in parts])})
+    summary["n_rollout_candidates"] = sum(r[0].num_structures for r in rollouts)
     summary["rl_stopped"] = rl_stopped
 
     seconds["rl_samples"], t_stage = time.time() - t_stage, time.time()
@@ -681,11 +715,41 @@ def _nanmean(x: np.ndarray) -> float | None:
 
 
 def _run_rl(gen: Generator, reward, opts: PredictOptions, cells: list[str], folder: Path, progress: bool) -> list[dict[str, Any]]:
-    """K iterations of inference-time RL with GRPO groups drawn from the query's cells (resumable)."""
+    """K iterations of inference-time RL with GRPO groups drawn from the query's cells (resumable); each
+    iteration's scored rollouts go to ``rl_rollouts/`` beside the run folder when they are ranked."""
     from crystalign.steering import steer
+
+    def keep(iteration: int, structures: CrystalBatch, result: RewardResult) -> None:
+        atoms = structures.to("cpu").to_atoms()
+        for a, e, ok in zip(atoms, result.info["energy_per_atom_ev"].tolist(), result.info["valid"].tolist()):
+            a.info["energy_per_atom_ev"], a.info["valid"] = float(e), bool(ok)
+        from ase.io import write as ase_write
+
+        path = folder.parent / "rl_rollouts" / f"{iteration:04d}.extxyz"
+        path.parent.mkdir(exist_ok=True)
+        with atomic_path(path) as tmp:
+            ase_write(tmp, atoms, format="extxyz")
 
     steered = steer(
         gen, reward, cells, iterations=opts.rl_steps, out=folder, resume=(folder / "last.pt").exists(),
-        device=opts.device, seed=opts.seed, progress=progress, **opts.rl_options(),
+        device=opts.device, seed=opts.seed, progress=progress, on_rollout=keep if opts.rank_rollouts else None,
+        **opts.rl_options(),
     )
     return steered.history
+
+
+def _read_rollouts(folder: Path, iterations: int) -> list[tuple[CrystalBatch, torch.Tensor, torch.Tensor]]:
+    """The scored rollouts of RL iterations 1..``iterations`` that exist (fewer where RL stopped early), each as
+    (structures, energy per atom, valid), in iteration order."""
+    from ase.io import read as ase_read
+
+    parts = []
+    for it in range(1, iterations + 1):
+        path = folder / f"{it:04d}.extxyz"
+        if not path.exists():
+            continue
+        atoms = ase_read(path, index=":", format="extxyz")
+        energy = torch.tensor([float(a.info["energy_per_atom_ev"]) for a in atoms], dtype=torch.float64)
+        valid = torch.tensor([float(bool(a.info["valid"])) for a in atoms], dtype=torch.float64)
+        parts.append((CrystalBatch.from_atoms(atoms), energy, valid))
+    return parts

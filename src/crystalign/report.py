@@ -337,6 +337,8 @@ _LABELS = {
     "formula": "reduced formula",
     "cells": "cells sampled",
     "model": "generative model",
+    "requested_model": "model asked for (predict samples its RL-tuned model where that found lower energies)",
+    "n_rollout_candidates": "RL rollouts ranked with the candidates (already scored by the reward)",
     "model_hash": "model hash (sha256)",
     "checkpoint": "checkpoint",
     "reward": "reward",
@@ -841,7 +843,11 @@ def _warnings(summary: Mapping[str, Any]) -> list[str]:
             out.append(str(w))
     stopped = summary.get("rl_stopped")
     if stopped and not any(str(stopped) in w for w in out):
-        out.append(f"Inference-time RL stopped early ({stopped}); the candidates come from the base model alone.")
+        kept = summary.get("n_rollout_candidates")
+        out.append(
+            f"Inference-time RL stopped early ({stopped}); the candidates come from the base model"
+            + (f" and the {kept} rollouts scored before it stopped." if kept else " alone.")
+        )
     return out
 
 

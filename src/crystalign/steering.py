@@ -126,6 +126,7 @@ def steer(
     seed: int = 0,
     progress: bool = True,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    on_rollout: Callable[[int, CrystalBatch, Any], None] | None = None,
     **rl_options: Any,
 ) -> SteeredModel:
     """Reinforce ``model`` (a shipped name, a checkpoint path or a :class:`Generator`) toward ``reward``.
@@ -140,7 +141,8 @@ def steer(
     ``out``: a run folder with a checkpoint after every iteration (``last.pt``, ``history.json``);
     ``resume=True`` continues an interrupted run there, after checking that the compositions, the options and
     the reward's name are the run's (a Python function is known by its name only). Without ``out`` nothing is
-    kept. ``seed`` fixes the policy's initialisation and every draw of the run.
+    kept. ``on_rollout(iteration, structures, reward_result)`` sees every iteration's scored rollouts (e.g. to keep
+    them as candidates: the reward already paid for them). ``seed`` fixes the policy's initialisation and every draw of the run.
     ``rl_options``: any :class:`~crystalign.rl.config.RLConfig` field, e.g. ``variant="score"``, ``steps=50``,
     ``group_size=8``, ``num_groups=4``, ``lr=1e-4``, ``fields=["pos", "cell"]``,
     ``noise={"pos": {"kind": "constant", "a": 0.1}, ...}``, ``num_threads=2``. A :class:`Generator` passed in
@@ -187,9 +189,9 @@ def steer(
     try:  # the caller's thread count is theirs again afterwards
         if out is None:
             with tempfile.TemporaryDirectory(prefix="crystalign-steer-") as tmp:
-                history = trainer.fit(tmp, on_iteration=on_iteration)
+                history = trainer.fit(tmp, on_iteration=on_iteration, on_rollout=on_rollout)
             return SteeredModel(policy.eval(), history, None)
-        history = trainer.fit(out, resume=resume, on_iteration=on_iteration)
+        history = trainer.fit(out, resume=resume, on_iteration=on_iteration, on_rollout=on_rollout)
         return SteeredModel(policy.eval(), history, Path(out) / "last.pt")
     finally:
         torch.set_num_threads(threads)

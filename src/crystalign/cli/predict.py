@@ -46,6 +46,15 @@ def predict_cmd(
         "them all (instead of -n); with it, -n base and -n policy candidates come first and RL runs as many of its "
         "iterations as the rest pays for.",
     ),
+    tuned: bool = typer.Option(
+        True, "--tuned/--no-tuned",
+        help="For a shipped base model whose RL-tuned model found lower relaxed energies at an equal MLIP budget "
+        "(carbon_24 -> carbon_24_energy; `crystalign models`), draw the candidates from the tuned model.",
+    ),
+    rank_rollouts: bool = typer.Option(
+        True, "--rank-rollouts/--no-rank-rollouts",
+        help="Rank every structure RL's reward scored (its rollouts) with the candidates; they cost no extra MLIP evaluation.",
+    ),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
     relax_steps: int = typer.Option(100, "--relax-steps", help="Maximum FIRE steps per structure."),
     relax_top: int = typer.Option(16, "--relax-top", help="Relax only this many lowest-energy distinct candidates (copies of one structure relax into one minimum)."),
@@ -94,7 +103,7 @@ def predict_cmd(
         warnings.simplefilter("always", PredictWarning)
         try:
             result = predict(
-                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, budget=budget, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
+                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, rank_rollouts=rank_rollouts, tuned=tuned, budget=budget, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
                 steps=steps, schedule=not no_schedule, formula_units=formula_units, force=force, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
@@ -122,6 +131,8 @@ def predict_cmd(
         )
         raise typer.Exit(1)
     symprec = s.get("symprec")
+    if s.get("requested_model") and s["model"] != s["requested_model"]:
+        typer.echo(f"candidates from {s['model']}, the RL-tuned model of {s['requested_model']} (--no-tuned: {s['requested_model']} itself)")
     typer.echo(
         f"\n{cells}: {s['n_unique']} unique trusted candidates of {s['n_candidates']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom"
         + (f"; space groups at {symprec:g} Å)" if symprec else ")")

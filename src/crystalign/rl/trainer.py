@@ -136,6 +136,7 @@ class RLTrainer:
         t_roll = time.time() - t0
         result = self.reward(traj.final)
         rewards = checked_rewards(result, traj.final.num_structures, self.reward)
+        self.last_rollout = (traj.final, result)  # for fit()'s on_rollout: the scored structures of this iteration
         t_reward = time.time() - t0 - t_roll
         adv = group_advantages(rewards, cfg.group_size).to(device=traj.final.device, dtype=traj.final.dtype)
         stats = self.update(traj, adv)
@@ -338,8 +339,17 @@ class RLTrainer:
             self.generator.manual_seed(self.config.seed * 1000 + self.rank + 7919 * int(state["iteration"]))
         self.data_generator.set_state(state["data_rng"])
 
-    def fit(self, out_dir: str | Path, resume: bool = False, on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """Run until ``config.iterations``; a checkpoint after every iteration makes a kill lose nothing."""
+    def fit(
+        self,
+        out_dir: str | Path,
+        resume: bool = False,
+        on_iteration: Callable[[dict[str, Any]], None] | None = None,
+        on_rollout: Callable[[int, CrystalBatch, Any], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run until ``config.iterations``; a checkpoint after every iteration makes a kill lose nothing.
+
+        ``on_rollout(iteration, structures, reward_result)`` receives each iteration's scored rollouts (this process's
+        share) before that iteration's checkpoint is written, so whatever it keeps is never behind a resumed run."""
         from tqdm import tqdm
 
         from crystalign.io import save_torch, write_json
@@ -357,6 +367,8 @@ class RLTrainer:
         while self.iteration < self.config.iterations:
             row = self.step()
             self.iteration += 1
+            if on_rollout is not None:
+                on_rollout(self.iteration, *self.last_rollout)
             if vc.every and self.iteration % vc.every == 0:
                 row.update(self.validate())
             self.history.append(row)
