@@ -11,7 +11,8 @@ Two ways to spend the same number of MLIP energy evaluations before relaxation:
 
 (c) and (d) rank every rollout RL's reward scored with the candidates (predict's ``rank_rollouts``, on by default);
 ``rl_policy_only`` and ``tuned_rl_policy_only`` are the same runs ranking only the base and the final policy's
-candidates (``rank_rollouts=False``), the ablation of that choice.
+candidates (``rank_rollouts=False``), the ablation of that choice. ``rl_novelty`` and ``tuned_rl_novelty`` are (c) and
+(d) with a reward cost of NOVELTY_EV eV/atom for a rollout that repeats a structure already found (``rl_novelty``).
 
 ``--methods`` picks the arms (default: all whose model exists); every arm is compared with (a).
 
@@ -44,7 +45,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 TIE_EV = 1e-3  # |difference| below 1 meV/atom is a tie
-METHODS = ("best_of_n", "rl", "tuned_best_of_n", "tuned_rl", "rl_policy_only", "tuned_rl_policy_only")
+METHODS = ("best_of_n", "rl", "tuned_best_of_n", "tuned_rl", "rl_policy_only", "tuned_rl_policy_only", "rl_novelty", "tuned_rl_novelty")
+NOVELTY_EV = 0.25  # the rl_novelty arms' cost of a repeated structure (eV/atom)
 DEFAULT_METHODS = METHODS[:4]
 ALLOTROPES = ("diamond", "lonsdaleite", "graphite")
 
@@ -189,6 +191,8 @@ def run_one(
     options["tuned"] = False  # each arm samples the model it names (predict would swap carbon_24 for carbon_24_energy)
     if method.endswith("_policy_only"):
         options["rank_rollouts"] = False
+    if method.endswith("_novelty"):
+        options["rl_novelty"] = NOVELTY_EV
     counter.reset()
     with tempfile.TemporaryDirectory(prefix="predict_budget_") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")

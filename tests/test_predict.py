@@ -185,6 +185,8 @@ def test_rl_that_trips_its_guard_falls_back_to_the_base_candidates(tmp_path):
         (["SrTiO3", "--budget", "95", "--rl-steps", "5"], "--budget 95 is smaller than one RL iteration's groups after the candidates: 32 base + 32 policy candidates + 4 groups of 8 = 96"),
         (["SrTiO3", "-z", "1,2,4", "--budget", "2", "--no-relax"], "--budget 2 is smaller than one candidate per cell size (3 cell sizes)"),
         (["SrTi2O5", "-z", "auto"], "no multiple of SrTi2O5 (8 atoms)"),
+        (["SrTiO3", "--rl-steps", "2", "--rl-novelty", "-0.1"], "--rl-novelty must be >= 0 eV/atom"),
+        (["SrTiO3", "--rl-steps", "2", "--rl-novelty", "0.2", "--no-rank-rollouts"], "it needs --rank-rollouts"),
         (["SrTIO3"], "did you mean Ti"),
         pytest.param(["SrTiO3", "--device", "cuda"], "CUDA is not available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the request is valid")),
@@ -236,7 +238,8 @@ def test_existing_output_needs_resume(tmp_path):
 
 def test_ctrl_c_keeps_partial_results_and_resume_finishes(tmp_path):
     out = tmp_path / "p"
-    cmd = [sys.executable, "-m", "crystalign.cli", "predict", "SrTiO3", "-n", "4", "--rl-steps", "12", "--steps", "6", "--no-relax", "--out", str(out)]
+    cmd = [sys.executable, "-m", "crystalign.cli", "predict", "SrTiO3", "-n", "4", "--rl-steps", "12", "--steps", "6", "--no-relax",
+           "--rl-novelty", "0.25", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 240
@@ -260,6 +263,10 @@ def test_ctrl_c_keeps_partial_results_and_resume_finishes(tmp_path):
     # every iteration's scored rollouts are kept across the kill, once each
     assert sorted(p.name for p in (out / "rl_rollouts").iterdir()) == [f"{i:04d}.extxyz" for i in range(1, 13)]
     assert summary["n_rollout_candidates"] == 12 * 32
+    # the novelty archive is rebuilt on resume: it never shrinks across the kill (a fresh archive would restart
+    # from the base candidates alone)
+    sizes = [r["archive_size_mean"] for r in summary["rl_history"]]
+    assert sizes == sorted(sizes) and sizes[done] >= sizes[done - 1], sizes
 
 
 def test_relaxation_reports_convergence_and_a_failure_keeps_the_unrelaxed_geometry(tmp_path, perov_val_csv):

@@ -308,3 +308,31 @@ def test_a_failing_chunk_costs_only_its_failing_structures():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no failure, no warning
         np.testing.assert_array_equal(energies_in_chunks([1, 2], 4, evaluate, "toy"), [2.0, 4.0])
+
+
+def test_novelty_penalty_charges_repeats_of_archived_structures(sevenn, perov_val_csv):
+    """A slightly displaced copy of a structure is a repeat: the higher-energy one of the pair pays the penalty,
+    exactly, the distinct one does not; once archived, every structure of the batch is a repeat."""
+    from crystalign.data import read_structures
+    from crystalign.rewards.novelty import NoveltyReward
+
+    two = read_structures(perov_val_csv).batch[:2]
+    kick = torch.randn(two.frac[:5].shape, generator=torch.Generator().manual_seed(0), dtype=two.frac.dtype)
+    copy = two[:1].replace(frac=(two.frac[:5] + 0.005 * kick) % 1.0)
+    batch = CrystalBatch.cat([two, copy])  # structure 0, a different structure 1, a copy of 0
+    inner = EnergyReward(sevenn)
+    reward = NoveltyReward(inner, penalty=0.25)
+    plain = inner(batch)
+    result = reward(batch)
+    e = plain.info["energy_per_atom_ev"]
+    repeat = 0 if e[0] > e[2] else 2
+    expected = torch.zeros(3, dtype=torch.float64)
+    expected[repeat] = 1.0
+    torch.testing.assert_close(result.info["duplicate"].cpu(), expected)
+    torch.testing.assert_close(result.rewards.double(), plain.rewards.double() - 0.25 * expected)
+    torch.testing.assert_close(result.info["energy_per_atom_ev"], e)  # the energies themselves stay the potential's
+    assert reward.archive_size == 2
+    again = reward(batch)
+    assert again.info["duplicate"].tolist() == [1.0, 1.0, 1.0] and reward.archive_size == 2
+    with pytest.raises(ValueError, match="novelty penalty must be > 0"):
+        NoveltyReward(inner, penalty=0.0)

@@ -76,6 +76,9 @@ class PredictOptions:
     #: rank RL's rollouts with the candidates: the reward already scored every one of them, so best-of-N over them
     #: costs no MLIP evaluation (False: only the base and the final policy's candidates, for ablations)
     rank_rollouts: bool = True
+    #: RL reward cost (eV/atom) of a rollout that repeats a structure already found (base candidates or earlier
+    #: rollouts; benchmark StructureMatcher): pays the policy for new basins, which the ranking needs. 0: off
+    rl_novelty: float = 0.0
     #: MLIP energy evaluations before relaxation for the whole query (None: -n and rl_steps as given). Without RL the
     #: base model samples all of them, split evenly over the cell sizes (it sets n); with RL, n base and n policy
     #: candidates per cell size come first and RL runs as many of its rl_steps iterations as the rest pays for
@@ -122,6 +125,10 @@ class PredictOptions:
             raise ValueError(f"--steps must be >= 2, got {self.steps}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"--budget must be a positive number of MLIP energy evaluations, got {self.budget}")
+        if self.rl_novelty < 0:
+            raise ValueError(f"--rl-novelty must be >= 0 eV/atom, got {self.rl_novelty}")
+        if self.rl_novelty and not self.rank_rollouts:
+            raise ValueError("--rl-novelty pays RL for new structures among the ranked rollouts: it needs --rank-rollouts")
         if self.relax_top < 1:
             raise ValueError(f"--relax-top must be >= 1, got {self.relax_top}")
         if self.relax_steps < 0:
@@ -538,7 +545,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         from crystalign.rl.trainer import RLDivergedError
 
         try:
-            history = _run_rl(gen, reward, opts, cells, out / "rl", progress)
+            history = _run_rl(gen, reward, opts, cells, out / "rl", progress, seen=(base, base_result.info["energy_per_atom_ev"]))
         except RLDivergedError as err:
             # e.g. a composition the model cannot make valid structures of: the base candidates still get ranked
             rl_stopped = str(err)
@@ -714,10 +721,16 @@ def _nanmean(x: np.ndarray) -> float | None:
     return float(np.nanmean(x)) if np.isfinite(x).any() else None
 
 
-def _run_rl(gen: Generator, reward, opts: PredictOptions, cells: list[str], folder: Path, progress: bool) -> list[dict[str, Any]]:
+def _run_rl(
+    gen: Generator, reward, opts: PredictOptions, cells: list[str], folder: Path, progress: bool,
+    seen: tuple[CrystalBatch, torch.Tensor] | None = None,
+) -> list[dict[str, Any]]:
     """K iterations of inference-time RL with GRPO groups drawn from the query's cells (resumable); each
-    iteration's scored rollouts go to ``rl_rollouts/`` beside the run folder when they are ranked."""
+    iteration's scored rollouts go to ``rl_rollouts/`` beside the run folder when they are ranked. With
+    ``rl_novelty`` the reward pays for structures not among ``seen`` (the base candidates) or earlier rollouts."""
     from crystalign.steering import steer
+
+    rollouts = folder.parent / "rl_rollouts"
 
     def keep(iteration: int, structures: CrystalBatch, result: RewardResult) -> None:
         atoms = structures.to("cpu").to_atoms()
@@ -725,13 +738,26 @@ def _run_rl(gen: Generator, reward, opts: PredictOptions, cells: list[str], fold
             a.info["energy_per_atom_ev"], a.info["valid"] = float(e), bool(ok)
         from ase.io import write as ase_write
 
-        path = folder.parent / "rl_rollouts" / f"{iteration:04d}.extxyz"
+        path = rollouts / f"{iteration:04d}.extxyz"
         path.parent.mkdir(exist_ok=True)
         with atomic_path(path) as tmp:
             ase_write(tmp, atoms, format="extxyz")
 
+    resume = (folder / "last.pt").exists()
+    rl_reward = reward
+    if opts.rl_novelty:
+        from crystalign.model.checkpoint import read_checkpoint_file
+        from crystalign.rewards.novelty import NoveltyReward
+
+        rl_reward = NoveltyReward(reward, opts.rl_novelty)
+        if seen is not None:
+            rl_reward.add(*seen)
+        # a resumed run's archive: the same structures, added in the same order, as the run had seen
+        done = int(read_checkpoint_file(folder / "last.pt", what="RL checkpoint")["iteration"]) if resume else 0
+        for batch, energy, _ in _read_rollouts(rollouts, done):
+            rl_reward.add(batch, energy)
     steered = steer(
-        gen, reward, cells, iterations=opts.rl_steps, out=folder, resume=(folder / "last.pt").exists(),
+        gen, rl_reward, cells, iterations=opts.rl_steps, out=folder, resume=resume,
         device=opts.device, seed=opts.seed, progress=progress, on_rollout=keep if opts.rank_rollouts else None,
         **opts.rl_options(),
     )

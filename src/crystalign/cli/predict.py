@@ -46,6 +46,11 @@ def predict_cmd(
         "them all (instead of -n); with it, -n base and -n policy candidates come first and RL runs as many of its "
         "iterations as the rest pays for.",
     ),
+    rl_novelty: float = typer.Option(
+        0.0, "--rl-novelty",
+        help="RL reward cost (eV/atom) of a rollout that repeats a structure already found: pays per-query RL for new "
+        "basins (0: off).",
+    ),
     tuned: bool = typer.Option(
         True, "--tuned/--no-tuned",
         help="For a shipped base model whose RL-tuned model found lower relaxed energies at an equal MLIP budget "
@@ -103,7 +108,7 @@ def predict_cmd(
         warnings.simplefilter("always", PredictWarning)
         try:
             result = predict(
-                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, rank_rollouts=rank_rollouts, tuned=tuned, budget=budget, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
+                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, rank_rollouts=rank_rollouts, rl_novelty=rl_novelty, tuned=tuned, budget=budget, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
                 steps=steps, schedule=not no_schedule, formula_units=formula_units, force=force, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
