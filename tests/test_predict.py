@@ -129,6 +129,10 @@ def test_formula_units_scan_cell_sizes(tmp_path):
     assert result.summary["cells"] == ["C6", "C8"]
     # 3 per size from the base model, 3 per size from the RL policy, and the 2 x 4 rollouts RL's reward scored
     assert result.summary["n_candidates"] == 20 and result.summary["n_rollout_candidates"] == 8
+    # every answer says where it was sampled, and the report shows it
+    rows = json.loads((tmp_path / "p" / "summary.json").read_text())["candidates"]
+    assert rows and {r["source"] for r in rows} <= {"base", "rl policy", "rl rollout 1", "rl rollout 2"}
+    assert "sampled by" in (tmp_path / "p" / "report.html").read_text()
     assert result.summary["rl_steps"] == 2 and len(json.loads((tmp_path / "p" / "summary.json").read_text())["rl_history"]) == 2
     assert result.summary["mlip_energy_evaluations"] == 20 and result.summary["budget"] == 21
     # without RL the budget is the number of candidates, split evenly over the cell sizes
@@ -143,9 +147,9 @@ def test_formula_units_scan_cell_sizes(tmp_path):
     from crystalign.rewards.mlip import get_backend
 
     rollouts = _read_rollouts(tmp_path / "p" / "rl_rollouts", 2)
-    assert [r[0].num_structures for r in rollouts] == [4, 4]
-    again = EnergyReward(get_backend("sevenn").load())(rollouts[1][0]).info["energy_per_atom_ev"].double()
-    torch.testing.assert_close(again, rollouts[1][1], equal_nan=True, atol=1e-5, rtol=0)
+    assert [(r[0], r[1].num_structures) for r in rollouts] == [("rl rollout 1", 4), ("rl rollout 2", 4)]
+    again = EnergyReward(get_backend("sevenn").load())(rollouts[1][1]).info["energy_per_atom_ev"].double()
+    torch.testing.assert_close(again, rollouts[1][2], equal_nan=True, atol=1e-5, rtol=0)
     # the ablation ranks the base and policy candidates only, from the same RL run
     policy_only = predict("C", model="carbon_24", formula_units="6,8", out=str(tmp_path / "r"), progress=False, n=3, rl_steps=10,
                           budget=21, rl_group_size=2, rl_groups=2, steps=4, relax=False, rank_rollouts=False)

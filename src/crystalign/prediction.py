@@ -556,7 +556,8 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             )
     seconds["rl"], t_stage = time.time() - t_stage, time.time()
     rollouts = _read_rollouts(out / "rl_rollouts", opts.rl_steps) if opts.rl_steps > 0 and opts.rank_rollouts else []
-    parts = [(base, base_result.info["energy_per_atom_ev"], base_result.info["valid"]), *rollouts]
+    # (source, structures, energy per atom, valid) of every scored candidate; the source says where a winner came from
+    parts = [("base", base, base_result.info["energy_per_atom_ev"], base_result.info["valid"]), *rollouts]
     if opts.rl_steps > 0 and rl_stopped is None:
         rl_path = out / "rl_samples.extxyz"
         if not stages.done("rl_samples"):
@@ -571,13 +572,14 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             stages.mark("rl_samples")
         rl_candidates = _read_extxyz(rl_path)
         rl_result = reward(rl_candidates)
-        parts.append((rl_candidates, rl_result.info["energy_per_atom_ev"], rl_result.info["valid"]))
+        parts.append(("rl policy", rl_candidates, rl_result.info["energy_per_atom_ev"], rl_result.info["valid"]))
     sampled_energy = (rl_result if rl_result is not None else base_result).info["energy_per_atom_ev"].numpy()
     # rank the union: a per-query RL run can only add candidates, never lose the base ones
-    candidates = CrystalBatch.cat([p[0] for p in parts]) if len(parts) > 1 else base
-    cand_energy = torch.cat([p[1].double().cpu() for p in parts])
-    cand_result = RewardResult(-cand_energy, {"energy_per_atom_ev": cand_energy, "valid": torch.cat([p[2].double().cpu() for p in parts])})
-    summary["n_rollout_candidates"] = sum(r[0].num_structures for r in rollouts)
+    candidates = CrystalBatch.cat([p[1] for p in parts]) if len(parts) > 1 else base
+    sources = [p[0] for p in parts for _ in range(p[1].num_structures)]
+    cand_energy = torch.cat([p[2].double().cpu() for p in parts])
+    cand_result = RewardResult(-cand_energy, {"energy_per_atom_ev": cand_energy, "valid": torch.cat([p[3].double().cpu() for p in parts])})
+    summary["n_rollout_candidates"] = sum(r[1].num_structures for r in rollouts)
     summary["rl_stopped"] = rl_stopped
 
     seconds["rl_samples"], t_stage = time.time() - t_stage, time.time()
@@ -588,7 +590,9 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         e = cand_result.info["energy_per_atom_ev"].numpy()
         order = unique_ranked(candidates.to_structures(), e, np.isfinite(e)) if np.isfinite(e).any() else []
         summary["n_distinct_before_relax"] = len(order)
-        candidates = candidates[torch.tensor(order[: opts.relax_top], dtype=torch.long)] if order else candidates
+        if order:
+            candidates = candidates[torch.tensor(order[: opts.relax_top], dtype=torch.long)]
+            sources = [sources[i] for i in order[: opts.relax_top]]
         candidates, relax_records = relax_structures(candidates, backend, opts.relax_steps, opts.fmax, out / "relax", progress)
         stages.mark("relax")
     final = reward(candidates) if opts.relax else cand_result
@@ -646,6 +650,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
                 "spacegroup": check.get("spacegroup") or spacegroup_label(s, SYMPREC),
                 "energy_per_atom_ev": float(energy[i]),
                 "energy_above_best_mev": 1000.0 * (float(energy[i]) - best),
+                "source": sources[i],
                 "valid": True,
                 "trusted": True,
                 "file": name,
@@ -660,7 +665,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
             tmp.write_text(s.to(fmt="cif"))
         rows.append(
             {
-                "rank": None, "id": f"candidate_{i:04d}", "formula": s.composition.reduced_formula,
+                "rank": None, "id": f"candidate_{i:04d}", "formula": s.composition.reduced_formula, "source": sources[i],
                 "spacegroup": spacegroup_label(s, SYMPREC), "energy_per_atom_ev": float(energy[i]),
                 "valid": True, "trusted": False, "untrusted_reason": "; ".join(reasons[i]), "file": name,
                 **({"relax": relax_records[i]} if relax_records is not None else {}),
@@ -754,7 +759,7 @@ def _run_rl(
             rl_reward.add(*seen)
         # a resumed run's archive: the same structures, added in the same order, as the run had seen
         done = int(read_checkpoint_file(folder / "last.pt", what="RL checkpoint")["iteration"]) if resume else 0
-        for batch, energy, _ in _read_rollouts(rollouts, done):
+        for _, batch, energy, _ in _read_rollouts(rollouts, done):
             rl_reward.add(batch, energy)
     steered = steer(
         gen, rl_reward, cells, iterations=opts.rl_steps, out=folder, resume=resume,
@@ -764,9 +769,9 @@ def _run_rl(
     return steered.history
 
 
-def _read_rollouts(folder: Path, iterations: int) -> list[tuple[CrystalBatch, torch.Tensor, torch.Tensor]]:
+def _read_rollouts(folder: Path, iterations: int) -> list[tuple[str, CrystalBatch, torch.Tensor, torch.Tensor]]:
     """The scored rollouts of RL iterations 1..``iterations`` that exist (fewer where RL stopped early), each as
-    (structures, energy per atom, valid), in iteration order."""
+    ("rl rollout K", structures, energy per atom, valid), in iteration order."""
     from ase.io import read as ase_read
 
     parts = []
@@ -777,5 +782,5 @@ def _read_rollouts(folder: Path, iterations: int) -> list[tuple[CrystalBatch, to
         atoms = ase_read(path, index=":", format="extxyz")
         energy = torch.tensor([float(a.info["energy_per_atom_ev"]) for a in atoms], dtype=torch.float64)
         valid = torch.tensor([float(bool(a.info["valid"])) for a in atoms], dtype=torch.float64)
-        parts.append((CrystalBatch.from_atoms(atoms), energy, valid))
+        parts.append((f"rl rollout {it}", CrystalBatch.from_atoms(atoms), energy, valid))
     return parts

@@ -448,6 +448,7 @@ class _Row:
     symmetry_note: str = ""
     conventional_file: Any = None
     untrusted_reason: str = ""
+    source: str = ""
 
 
 def _rows(candidates: Sequence[Mapping[str, Any]]) -> list[_Row]:
@@ -471,6 +472,7 @@ def _rows(candidates: Sequence[Mapping[str, Any]]) -> list[_Row]:
                 symmetry_note=str(c.get("symmetry_note") or ""),
                 conventional_file=c.get("conventional_file"),
                 untrusted_reason=str(c.get("untrusted_reason") or ""),
+                source=str(c.get("source") or ""),
             )
         )
     return rows
@@ -532,12 +534,15 @@ def _ranked_table(rows: Sequence[_Row], out_dir: Path, symprec: float | None) ->
     best = min((r.energy for r in rows if r.energy is not None), default=None)
     with_relax = any(r.relax for r in rows)
     with_notes = any(r.symmetry_note for r in rows)
+    # where each answer was sampled (base model, an RL rollout, the RL policy): shown once RL added candidates
+    with_source = len({r.source for r in rows if r.source}) > 1 or any(r.source.startswith("rl") for r in rows)
     sg_cols = _sg_columns(rows, symprec)
     keys = [k for k, _ in sg_cols]
     heads = (
         ['<th class="num">rank</th>', "<th>formula</th>"] + [f"<th>{h}</th>" for _, h in sg_cols]
         + ['<th class="num">energy per atom<br>(eV/atom)</th>', '<th class="num">energy above<br>the best<br>(meV/atom)</th>']
         + (["<th>relaxation<br>converged?</th>"] if with_relax else [])
+        + (["<th>sampled by</th>"] if with_source else [])
         + ["<th>files</th>"]
     )
     body = []
@@ -552,6 +557,7 @@ def _ranked_table(rows: Sequence[_Row], out_dir: Path, symprec: float | None) ->
             + "".join(f"<td>{_e(_sg_cell(r, k, keys, symprec))}</td>" for k in keys)
             + f'<td class="num">{_e(energy)}</td><td class="num">{_e(above)}</td>'
             + (f"<td>{_relax_cell(r.relax)}</td>" if with_relax else "")
+            + (f"<td>{_e(r.source or _DASH)}</td>" if with_source else "")
             + f"<td>{_files_cell(r, out_dir)}</td></tr>"
         )
         if r.symmetry_note:

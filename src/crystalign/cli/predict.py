@@ -143,7 +143,8 @@ def predict_cmd(
         + (f"; space groups at {symprec:g} Å)" if symprec else ")")
     )
     for row in ranked[:10]:
-        typer.echo(f"  {row['rank']:>3}  {row['formula']:<12} {row['spacegroup']:<16} {row['energy_per_atom_ev']:9.4f} eV/atom  +{row['energy_above_best_mev']:6.1f} meV  {row['file']}")
+        found = f"  ({row['source']})" if str(row.get("source", "")).startswith("rl") else ""
+        typer.echo(f"  {row['rank']:>3}  {row['formula']:<12} {row['spacegroup']:<16} {row['energy_per_atom_ev']:9.4f} eV/atom  +{row['energy_above_best_mev']:6.1f} meV  {row['file']}{found}")
         if row.get("symmetry_note"):
             typer.echo(f"       {row['symmetry_note']}")
     if untrusted:
