@@ -145,6 +145,8 @@ def test_shipped_energy_model_lowers_the_energy_of_held_out_compositions(data_ro
     assert torch.isfinite(e_tuned).sum() >= torch.isfinite(e_base).sum()
     res = runner.invoke(app, ["models"])
     assert "RL-tuned from perov_5" in res.output and "RL-tuned from carbon_24" in res.output
+    # only the carbon model claims (with its evidence) that predict should sample it instead of its base
+    assert res.output.count("samples this model") == 1 and "`predict --model carbon_24` samples this model" in res.output
     carbon = Generator.load("carbon_24_energy")
     assert carbon.tuned_from == {"fields": ["pos"], "model": "carbon_24", "hash": Generator.load("carbon_24").model_hash()}
 

@@ -85,7 +85,7 @@ def predict_cmd(
       crystalign predict BaZrO3 -n 64 --rl-steps 30 --out predictions/BaZrO3
       crystalign predict CaTiO3 --rl-steps 0 --no-relax
       crystalign predict BaTiO3 --budget 704 --rl-steps 100       # RL iterations as the 704 MLIP evaluations pay for
-      crystalign predict C --model carbon_24_energy -z auto -n 16   # cells of 6 to 24 carbon atoms (RL-tuned model)
+      crystalign predict C --model carbon_24 -z auto -n 16   # cells of 6 to 24 carbon atoms (sampled by carbon_24_energy)
       crystalign predict BaTiO3 --backend mace --mlip-model mace-mpa-0-medium.model   # a local MACE file
     """
     use_threads(threads, small_batches=True)
@@ -210,6 +210,8 @@ def models_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
         else:
             rates = sorted((int(k.split("_")[2]), v) for k, v in metrics.items() if re.fullmatch(r"match_rate_\d+_steps", k))
             quality = "held-out match rate " + (", ".join(f"{_pct(v)} ({n} steps)" for n, v in rates) or "?")
+        if card.get("predict_replaces_base"):
+            quality += f"; `predict --model {card.get('tuned_from', {}).get('model', '?')}` samples this model (--no-tuned: the base)"
         typer.echo(
             f"{name:<12} {card.get('description', '')}\n"
             f"{'':<12} atoms/cell {cov.get('n_atoms_min', '?')}–{cov.get('n_atoms_max', '?')}, {len(cov.get('elements', []))} elements; {quality}"
