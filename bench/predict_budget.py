@@ -36,6 +36,7 @@ in ``--out`` are skipped, so a killed run continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import tempfile
@@ -180,8 +181,13 @@ def relax_steps_from_records(folder: Path) -> dict[str, Any]:
     return {"relax_records": len(statuses), "relax_fire_steps": steps, "relax_fire_steps_total": sum(steps)}
 
 
+#: the carbon cell sizes of the benchmark, in the order that gives their seeds
+CARBON_SIZES = (8, 12, 16)
+
+
 def run_one(
-    query: dict[str, Any], method: str, n_equal: int, counter: MLIPCounter, matchers: dict[str, Any], rl_steps: int = 20
+    query: dict[str, Any], method: str, n_equal: int, counter: MLIPCounter, matchers: dict[str, Any], rl_steps: int = 20,
+    work_dir: Path | None = None,
 ) -> dict[str, Any]:
     from crystalign.prediction import predict
 
@@ -194,7 +200,15 @@ def run_one(
     if method.endswith("_novelty"):
         options["rl_novelty"] = NOVELTY_EV
     counter.reset()
-    with tempfile.TemporaryDirectory(prefix="predict_budget_") as tmp, warnings.catch_warnings():
+    resumed = False
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="predict_budget_"))
+        else:  # kept, so a row stopped half-way resumes where predict stopped (a carbon arm runs for an hour)
+            tmp = str(work_dir / f"{query['id'].replace('/', '_').replace(':', '_')}__{method}")
+            resumed = Path(tmp).is_dir() and any(Path(tmp).iterdir())
+            options["resume"] = resumed
+        stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         t0 = time.time()
         res = predict(query["composition"], out=tmp, progress=False, **options)
@@ -215,6 +229,8 @@ def run_one(
         "model": model,
         "seed": query["seed"],
         "method": method,
+        # a resumed row's wall time and counted MLIP calls cover only the part after the restart
+        "resumed": resumed,
         "n": n,
         "rl_steps": rl_steps,
         "best_energy_per_atom_ev": float(res.energies[0]) if res.energies else None,
@@ -340,10 +356,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=20, help="held-out perov_5 structures (the first COUNT of the dev split)")
     ap.add_argument("--start", type=int, default=0, help="skip the first START of those (to split the queries over processes)")
-    ap.add_argument("--carbon", type=int, nargs="*", default=[8, 12, 16], help="carbon cell sizes C<k> for model carbon_24 (none: skip)")
+    ap.add_argument("--carbon", type=int, nargs="*", default=list(CARBON_SIZES), help="carbon cell sizes C<k> for model carbon_24 (none: skip)")
     ap.add_argument("--out", default="bench/results/predict_budget.json", help="results JSON (also the resume state)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of this process")
     ap.add_argument("--rl-steps", type=int, default=20, help="iterations of per-query RL in the RL arm (predict's default is 0)")
+    ap.add_argument(
+        "--work-dir", default=None,
+        help="keep each (query, arm) predict run in a folder here, so an interrupted row resumes (default: temporary folders)",
+    )
     ap.add_argument("--methods", nargs="*", default=None, choices=METHODS, help="arms to run (default: (a)-(d); the tuned_* arms need --tuned)")
     ap.add_argument(
         "--tuned", nargs="*", default=["perov_5=perov_5_energy", "carbon_24=carbon_24_energy"], metavar="BASE=TUNED",
@@ -382,7 +402,12 @@ def main() -> None:
                 continue
             formula = ref.composition.formula.replace(" ", "")
             queries.append({"dataset": "perov_5", "id": f"perov_5/{i}:{formula}", "composition": formula, "model": "perov_5", "seed": i, "reference": ref})
-    carbon = [{"dataset": "carbon", "id": f"carbon/C{size}", "composition": f"C{size}", "model": "carbon_24", "seed": k} for k, size in enumerate(args.carbon)]
+    # a size's seed does not depend on which other sizes this process runs (C8, C12, C16 keep 0, 1, 2)
+    carbon_seed = {size: k for k, size in enumerate(CARBON_SIZES)}
+    carbon = [
+        {"dataset": "carbon", "id": f"carbon/C{size}", "composition": f"C{size}", "model": "carbon_24", "seed": carbon_seed.get(size, size)}
+        for size in args.carbon
+    ]
     # the few carbon queries first: a run stopped early still has every carbon size and some perov_5 queries
     queries = carbon + queries
 
@@ -393,6 +418,9 @@ def main() -> None:
     counter = MLIPCounter()
 
     out = Path(args.out)
+    work_dir = Path(args.work_dir) if args.work_dir else None
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     if out.exists():
         rows = json.loads(out.read_text()).get("rows", [])
@@ -412,7 +440,7 @@ def main() -> None:
                 continue
             if (query["id"], method) in done:
                 continue
-            row = run_one(query, method, n_equal, counter, matchers, rl_steps=args.rl_steps)
+            row = run_one(query, method, n_equal, counter, matchers, rl_steps=args.rl_steps, work_dir=work_dir)
             rows.append(row)
             done.add((query["id"], method))
             write_json(out, {**meta, "summary": summarise(rows), "rows": rows})

@@ -297,11 +297,16 @@ class _Stages:
         write_json(self.path, self.state)
 
 
-def _write_extxyz(path: Path, batch: CrystalBatch) -> None:
+def _write_extxyz(path: Path, batch: CrystalBatch, **info: list) -> None:
+    """``batch`` to ``path`` atomically; each keyword is a per-structure list stored in ``atoms.info``."""
     from ase.io import write as ase_write
 
+    atoms = batch.to("cpu").to_atoms()
+    for key, values in info.items():
+        for a, v in zip(atoms, values, strict=True):
+            a.info[key] = v
     with atomic_path(path) as tmp:
-        ase_write(tmp, batch.to_atoms(), format="extxyz")
+        ase_write(tmp, atoms, format="extxyz")
 
 
 def _read_extxyz(path: Path) -> CrystalBatch:
@@ -738,15 +743,12 @@ def _run_rl(
     rollouts = folder.parent / "rl_rollouts"
 
     def keep(iteration: int, structures: CrystalBatch, result: RewardResult) -> None:
-        atoms = structures.to("cpu").to_atoms()
-        for a, e, ok in zip(atoms, result.info["energy_per_atom_ev"].tolist(), result.info["valid"].tolist()):
-            a.info["energy_per_atom_ev"], a.info["valid"] = float(e), bool(ok)
-        from ase.io import write as ase_write
-
-        path = rollouts / f"{iteration:04d}.extxyz"
-        path.parent.mkdir(exist_ok=True)
-        with atomic_path(path) as tmp:
-            ase_write(tmp, atoms, format="extxyz")
+        rollouts.mkdir(exist_ok=True)
+        _write_extxyz(
+            rollouts / f"{iteration:04d}.extxyz", structures,
+            energy_per_atom_ev=[float(e) for e in result.info["energy_per_atom_ev"].tolist()],
+            valid=[bool(ok) for ok in result.info["valid"].tolist()],
+        )
 
     resume = (folder / "last.pt").exists()
     rl_reward = reward
