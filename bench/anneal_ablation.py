@@ -33,11 +33,16 @@ from crystalign.model.checkpoint import read_checkpoint_file
 
 
 def model_data_config(model: str) -> DataConfig:
-    """The seeded dev split the model was trained with (its provenance), else the defaults."""
+    """The seeded dev split the model was trained with (its provenance; an RL-tuned model's is its base model's)."""
     ckpt = read_checkpoint_file(resolve_model(model))
-    prov = (ckpt.get("generator", ckpt)).get("provenance", {}) if isinstance(ckpt, dict) else {}
-    data = (prov.get("config") or {}).get("data")
-    return from_dict(DataConfig, data) if data else DataConfig()
+    ckpt = ckpt.get("generator", ckpt) if isinstance(ckpt, dict) else {}
+    data = ((ckpt.get("provenance") or {}).get("config") or {}).get("data")
+    if data:
+        return from_dict(DataConfig, data)
+    base = (ckpt.get("tuned_from") or {}).get("model")
+    if base:  # carbon_24_energy once fell through to the perov_5 default and was scored on perov_5 structures
+        return model_data_config(base)
+    raise SystemExit(f"{model}: its provenance names no training data, so its dev split is unknown")
 
 
 def main() -> None:
