@@ -48,6 +48,7 @@ def test_a_set_against_itself_is_perfect(perov):
     assert r.struct_valid == r.comp_valid == r.valid == 1.0 and r.n_valid == 40
     assert r.cov_recall == r.cov_precision == 1.0
     assert r.cov_recall_valid == r.cov_precision_valid == 1.0
+    assert r.cov_recall_struct == r.cov_recall_comp == r.cov_precision_struct == r.cov_precision_comp == 1.0
     assert r.amsd_recall == pytest.approx(0.0, abs=1e-9) and r.amcd_precision == pytest.approx(0.0, abs=1e-9)
     assert r.cov_thresholds == (0.2, 4.0) and r.n_reference_coverage == 40 and r.coverage_note is None
     assert r.wdist_density == r.wdist_num_atoms == r.wdist_num_elems == 0.0
@@ -71,6 +72,9 @@ def test_perturbed_structures_lower_coverage(perov):
     assert r.amsd_recall > 0.1
     # composition untouched: its distances stay zero; the density distribution moved away
     assert r.amcd_recall == pytest.approx(0.0, abs=1e-9)
+    # so the per-cutoff breakdown puts the whole shortfall on the structure fingerprint
+    assert r.cov_recall_comp == r.cov_precision_comp == 1.0
+    assert (r.cov_recall_struct, r.cov_precision_struct) == (r.cov_recall, r.cov_precision)
     assert r.wdist_density > 0.5 and r.wdist_num_atoms == 0.0
 
 

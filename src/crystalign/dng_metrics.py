@@ -32,6 +32,8 @@ in ``n`` and fail every test):
   - ``cov_recall_valid`` / ``cov_precision_valid``: a stricter variant over valid generated structures only,
     where ONE generated structure must lie within both cutoffs of a reference (and vice versa); COV-P's
     denominator is then the number of valid generated structures.
+  - ``cov_precision_struct`` / ``cov_precision_comp`` (and ``cov_recall_struct`` / ``cov_recall_comp``): the
+    same fractions with one cutoff alone, so a shortfall of COV-P or COV-R says which fingerprint limits it.
   - ``amsd_*`` / ``amcd_*``: CDVAE's mean nearest-neighbour structure / composition distances.
   - Cutoffs: ``thresholds`` or the CDVAE value of ``dataset`` (:data:`CDVAE_COV_CUTOFFS`: perov_5 and carbon_24
     (0.2, 4), mp_20 (0.4, 10)).
@@ -66,7 +68,8 @@ in ``n`` and fail every test):
 
 JSON keys of :meth:`DNGMetrics.to_dict` (in this order): ``n_generated``, ``n_reference``, ``n_training``,
 ``struct_valid``, ``comp_valid``, ``valid``, ``n_valid``, ``cov_recall``, ``cov_precision``,
-``cov_recall_valid``, ``cov_precision_valid``, ``amsd_recall``, ``amsd_precision``, ``amcd_recall``,
+``cov_recall_valid``, ``cov_precision_valid``, ``cov_recall_struct``, ``cov_recall_comp``,
+``cov_precision_struct``, ``cov_precision_comp``, ``amsd_recall``, ``amsd_precision``, ``amcd_recall``,
 ``amcd_precision``, ``cov_thresholds`` (``{"struct": .., "comp": ..}`` or null), ``n_reference_coverage``
 (references fingerprinted), ``n_fingerprint_failed`` (generated structures whose fingerprints failed),
 ``coverage_note`` (why coverage is null or may be meaningless, else null), ``wdist_density``,
@@ -143,6 +146,10 @@ class DNGMetrics:
     cov_precision: float | None
     cov_recall_valid: float | None
     cov_precision_valid: float | None
+    cov_recall_struct: float | None
+    cov_recall_comp: float | None
+    cov_precision_struct: float | None
+    cov_precision_comp: float | None
     amsd_recall: float | None
     amsd_precision: float | None
     amcd_recall: float | None
@@ -179,7 +186,8 @@ class DNGMetrics:
 
     _KEYS = (
         "n_generated", "n_reference", "n_training", "struct_valid", "comp_valid", "valid", "n_valid",
-        "cov_recall", "cov_precision", "cov_recall_valid", "cov_precision_valid", "amsd_recall", "amsd_precision",
+        "cov_recall", "cov_precision", "cov_recall_valid", "cov_precision_valid",
+        "cov_recall_struct", "cov_recall_comp", "cov_precision_struct", "cov_precision_comp", "amsd_recall", "amsd_precision",
         "amcd_recall", "amcd_precision", "cov_thresholds", "n_reference_coverage", "n_fingerprint_failed",
         "coverage_note", "wdist_density", "wdist_num_atoms", "wdist_num_elems", "uniqueness", "n_unique", "novelty",
         "n_novel", "stable_threshold", "n_e_above_hull", "stable_rate", "metastable_rate", "e_above_hull_mean",
@@ -233,6 +241,8 @@ class DNGMetrics:
                 f"  COV-R         {pct(self.cov_recall)}  (cutoffs struct {s:g}, comp {c:g}; "
                 f"{self.n_reference_coverage} references)",
                 f"  COV-P         {pct(self.cov_precision)}",
+                f"  by cutoff     struct R/P {pct(self.cov_recall_struct).strip()} / {pct(self.cov_precision_struct).strip()}, "
+                f"comp R/P {pct(self.cov_recall_comp).strip()} / {pct(self.cov_precision_comp).strip()}",
                 f"  COV-R/P valid {pct(self.cov_recall_valid).strip()} / {pct(self.cov_precision_valid).strip()}  "
                 "(valid structures only, one structure within both cutoffs)",
             ]
@@ -630,6 +640,7 @@ def _reference_fingerprints(ref, progress: bool, cache) -> tuple[np.ndarray, np.
 def _coverage(gen, ref, valid, cutoffs, progress, max_reference, comp_scaler, cache, seed) -> dict[str, Any]:
     out: dict[str, Any] = {
         "cov_recall": None, "cov_precision": None, "cov_recall_valid": None, "cov_precision_valid": None,
+        "cov_recall_struct": None, "cov_recall_comp": None, "cov_precision_struct": None, "cov_precision_comp": None,
         "amsd_recall": None, "amsd_precision": None, "amcd_recall": None, "amcd_precision": None,
         "cov_thresholds": cutoffs, "n_reference_coverage": 0, "n_fingerprint_failed": 0, "coverage_note": None,
     }
@@ -672,6 +683,9 @@ def _coverage(gen, ref, valid, cutoffs, progress, max_reference, comp_scaler, ca
     c_rec, c_prec = comp_d.min(axis=0), comp_d.min(axis=1)
     out["cov_recall"] = float(np.mean((s_rec <= s_cut) & (c_rec <= c_cut)))
     out["cov_precision"] = float(np.sum((s_prec <= s_cut) & (c_prec <= c_cut)) / len(gen))
+    out["cov_recall_struct"], out["cov_recall_comp"] = float(np.mean(s_rec <= s_cut)), float(np.mean(c_rec <= c_cut))
+    out["cov_precision_struct"] = float(np.sum(s_prec <= s_cut) / len(gen))
+    out["cov_precision_comp"] = float(np.sum(c_prec <= c_cut) / len(gen))
     out["amsd_recall"], out["amsd_precision"] = float(s_rec.mean()), float(s_prec.mean())
     out["amcd_recall"], out["amcd_precision"] = float(c_rec.mean()), float(c_prec.mean())
     is_valid = np.asarray([valid[i] for i in g_idx], dtype=bool)

@@ -92,6 +92,7 @@ def render_dng_report(
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
              f"<h1>{_e(title)}</h1>"]
     pct_keys = {"struct_valid", "comp_valid", "valid", "cov_recall", "cov_precision", "cov_recall_valid", "cov_precision_valid",
+                "cov_recall_struct", "cov_recall_comp", "cov_precision_struct", "cov_precision_comp",
                 "uniqueness", "novelty", "stable_rate", "metastable_rate", "sun_rate", "msun_rate"}
     rows = "".join(
         f"<tr><th class='l'>{_e(k)}</th><td>{_fmt(v, k in pct_keys) if not isinstance(v, (dict, list, tuple)) else _e(v)}</td></tr>"
