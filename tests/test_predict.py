@@ -50,6 +50,28 @@ def test_predict_api_ranks_unique_candidates(tmp_path):
     assert "SrTiO3" in html and "data:image/png;base64" in html
 
 
+def test_duplicate_scan_stops_at_the_candidates_it_will_relax(perov_val_csv):
+    """predict relaxes the relax_top lowest DISTINCT candidates; the scan for them must not compare every pair
+    (n²/2 matches: hours for 700 carbon cells), and must give the same first ones as a full scan."""
+    import numpy as np
+
+    from crystalign.prediction import unique_ranked
+
+    distinct = read_structures(perov_val_csv).batch.to_structures()[:12]
+    # each structure twice (a copy shifted by a lattice translation), energies interleaved, one invalid
+    shifted = [s.copy() for s in distinct]
+    for s in shifted:
+        s.translate_sites(list(range(len(s))), [0.5, 0.0, 0.0])
+    structures = [s.copy() for s in distinct] + shifted
+    energies = np.array([float(k) for k in range(12)] + [k + 0.5 for k in range(12)])
+    valid = np.ones(24, dtype=bool)
+    valid[3] = False
+    full = unique_ranked(structures, energies, valid)
+    assert full[:3] == [0, 1, 2] and 15 in full and 3 not in full and len(full) == 12  # the copy stands in for 3
+    assert unique_ranked(structures, energies, valid, limit=5) == full[:5]
+    assert unique_ranked(structures, energies, valid, limit=50) == full
+
+
 def test_unconverged_candidates_are_never_the_answer(tmp_path):
     """One FIRE step converges nothing: every candidate is listed apart as untrusted, with the reason, and the
     command gives no ranked answer."""

@@ -380,14 +380,18 @@ def _relax_record(info: Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
-def unique_ranked(structures: list, energies: np.ndarray, valid: np.ndarray) -> list[int]:
-    """Indices of unique valid candidates, lowest energy per atom first (benchmark StructureMatcher)."""
+def unique_ranked(structures: list, energies: np.ndarray, valid: np.ndarray, limit: int | None = None) -> list[int]:
+    """Indices of unique valid candidates, lowest energy per atom first (benchmark StructureMatcher); with ``limit``,
+    only the first ``limit`` of them (the scan stops there: each new candidate is compared with every one kept, so
+    a full scan of n mostly distinct structures costs n²/2 matches, hours for 700 cells of 16 atoms)."""
     from crystalign.matching import make_matcher
 
     matcher = make_matcher()
     order = [i for i in np.argsort(np.where(valid, energies, np.inf), kind="stable") if valid[i]]
     kept: list[int] = []
     for i in order:
+        if limit is not None and len(kept) >= limit:
+            break
         if not any(matcher.fit(structures[i], structures[j]) for j in kept):
             kept.append(int(i))
     return kept
@@ -593,7 +597,8 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     relax_records: list[dict[str, Any]] | None = None
     if opts.relax:
         e = cand_result.info["energy_per_atom_ev"].numpy()
-        order = unique_ranked(candidates.to_structures(), e, np.isfinite(e)) if np.isfinite(e).any() else []
+        # only the relax_top lowest distinct ones are relaxed, so the scan for duplicates stops there
+        order = unique_ranked(candidates.to_structures(), e, np.isfinite(e), limit=opts.relax_top) if np.isfinite(e).any() else []
         summary["n_distinct_before_relax"] = len(order)
         if order:
             candidates = candidates[torch.tensor(order[: opts.relax_top], dtype=torch.long)]
