@@ -61,7 +61,9 @@ def predict_cmd(
         help="Rank every structure RL's reward scored (its rollouts) with the candidates; they cost no extra MLIP evaluation.",
     ),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
-    relax_steps: int = typer.Option(100, "--relax-steps", help="Maximum FIRE steps per structure."),
+    relax_steps: Optional[int] = typer.Option(
+        None, "--relax-steps", help="Maximum FIRE steps per structure [default: 100, or 20 per atom of the largest cell if more].",
+    ),
     relax_top: int = typer.Option(16, "--relax-top", help="Relax only this many lowest-energy distinct candidates (copies of one structure relax into one minimum)."),
     formula_units: str = typer.Option(
         "", "--formula-units", "-z",
@@ -154,7 +156,7 @@ def predict_cmd(
     typer.echo(f"report: {result.out_dir / 'report.html'}")
 
 
-def check_counts(n: int, rl_steps: int, steps: int | None, relax_top: int, relax_steps: int, budget: int | None = None) -> None:
+def check_counts(n: int, rl_steps: int, steps: int | None, relax_top: int, relax_steps: int | None, budget: int | None = None) -> None:
     """PredictOptions.validate's checks of the counts, in its words, made here before torch is imported."""
     for bad, msg in (
         (n <= 0, f"-n must be a positive number of candidates, got {n}"),
@@ -162,7 +164,7 @@ def check_counts(n: int, rl_steps: int, steps: int | None, relax_top: int, relax
         (steps is not None and steps < 2, f"--steps must be >= 2, got {steps}"),
         (budget is not None and budget < 1, f"--budget must be a positive number of MLIP energy evaluations, got {budget}"),
         (relax_top < 1, f"--relax-top must be >= 1, got {relax_top}"),
-        (relax_steps < 0, f"--relax-steps must be >= 0, got {relax_steps}"),
+        (relax_steps is not None and relax_steps < 0, f"--relax-steps must be >= 0, got {relax_steps}"),
     ):
         if bad:
             _fail(msg)
