@@ -4,6 +4,8 @@ time it takes, so "an order of magnitude fewer steps" is a measured ratio of ste
 Samplers (one sample per held-out structure, the same x0 for all at a given step count and seed):
   * ``none``: plain Euler, no annealing;
   * ``const_S``: constant annealing (1 + S·t)·b, for each S of --anneal;
+  * ``capped_S_C``: the same with each step capped at the fraction C of the way left (``anneal_cap``), for each C of
+    --caps;
   * ``learned``: the learned schedule [1 + s(t)]·b of --schedule (an RL checkpoint of variant scale, or a model
     carrying a schedule), deterministic;
   * ``learned_noise``: the same RL policy sampled as trained (exploration noise along b), with an RL checkpoint;
@@ -51,7 +53,8 @@ def main() -> None:
     ap.add_argument("--schedule", default=None, help="RL checkpoint of variant scale (or a model carrying a schedule)")
     ap.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20, 50, 100, 500])
     ap.add_argument("--anneal", nargs="+", type=float, default=[2.0, 5.0, 10.0, 20.0])
-    ap.add_argument("--samplers", nargs="+", default=None, help="subset of: none const learned learned_noise noise_only")
+    ap.add_argument("--caps", nargs="*", type=float, default=[], help="anneal_cap values C: adds the capped_S_C samplers")
+    ap.add_argument("--samplers", nargs="+", default=None, help="subset of: none const capped learned learned_noise noise_only")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("-k", type=int, default=1, help="samples per held-out structure: k > 1 adds MR@k (METRe over each reference's k samples)")
@@ -93,6 +96,8 @@ def main() -> None:
         yield "none", lambda: gen.sampler(steps=steps, schedule=False).sample(x0)
         for s in args.anneal:
             yield f"const_{s:g}", lambda s=s: gen.sampler(steps=steps, schedule=False, anneal_pos=s).sample(x0)
+            for c in args.caps:
+                yield f"capped_{s:g}_{c:g}", lambda s=s, c=c: gen.sampler(steps=steps, schedule=False, anneal_pos=s, anneal_cap=c).sample(x0)
         if schedule is not None:
             yield "learned", lambda: gen.sampler(steps=steps, schedule=schedule).sample(x0)
         if policy is not None:

@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--anneal-pos", type=float, default=None, help="velocity annealing s of the positions, (1 + s t) b")
     ap.add_argument("--anneal-cell", type=float, default=None, help="velocity annealing s of the lattice")
+    ap.add_argument("--anneal-cap", type=float, default=None, help="cap c of an annealed step, c (1 - t)/dt (default: the model's)")
     ap.add_argument("--species-noise", type=float, default=None, help="re-masking rate η while sampling (default: the model's)")
     ap.add_argument("--hull", default=None, help="hull file (crystalign hull build) for E-hull and S.U.N.")
     ap.add_argument("--relax", action="store_true", help="relax valid crystals with the hull's MLIP before E-hull")
@@ -92,7 +93,8 @@ def main() -> None:
         parts = [rollout(policy, part, steps, g, store=False, noise=args.rl_noise).final for part in template.split(256)]
         batch = CrystalBatch.cat(parts)
     else:
-        batch = gen.generate(args.n, seed=args.seed, steps=args.steps, anneal_pos=args.anneal_pos, anneal_cell=args.anneal_cell)
+        batch = gen.generate(args.n, seed=args.seed, steps=args.steps, anneal_pos=args.anneal_pos, anneal_cell=args.anneal_cell,
+                             anneal_cap=args.anneal_cap)
     gen_s = time.perf_counter() - t0
     structures = batch.to_structures()
     valid = batch.validity().valid.tolist()
@@ -133,6 +135,8 @@ def main() -> None:
         "species_noise": gen.interpolants.species.noise,
         "anneal_pos": args.anneal_pos,
         "anneal_cell": args.anneal_cell,
+        "anneal_cap": args.anneal_cap,
+        "sampler": vars(gen.sampler(steps=args.steps, anneal_pos=args.anneal_pos, anneal_cell=args.anneal_cell, anneal_cap=args.anneal_cap).config),
         "hull": args.hull,
         "relaxed": bool(args.relax),
         "generate_s": gen_s,

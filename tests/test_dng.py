@@ -283,3 +283,20 @@ def test_generation_keeps_to_the_training_elements_or_the_ones_given(dng_model, 
     assert res.exit_code == 0, res.output
     record = json.loads((tmp_path / "g" / "samples.json").read_text())
     assert record["sampler"]["elements"] == [16, 40, 56] and record["elements"] == ["Ba", "Zr", "S"]
+
+
+def test_generate_cli_takes_capped_annealing_and_records_it(dng_model, tmp_path):
+    model = str(dng_model[0])
+    out = tmp_path / "g"
+    res = CliRunner().invoke(app, ["generate", "-m", model, "-n", "4", "--steps", "6", "--anneal-pos", "5", "--anneal-cap", "0.5",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "samples.json").read_text())
+    assert record["sampler"]["anneal_pos"] == 5.0 and record["sampler"]["anneal_cap"] == 0.5
+    api = Generator.load(model).generate(4, seed=0, steps=6, anneal_pos=5.0, anneal_cap=0.5).to_structures()
+    from pymatgen.core import Structure
+
+    cif = Structure.from_file(out / "dng_000003.cif")
+    assert cif.composition == api[3].composition and cif.lattice.abc == pytest.approx(api[3].lattice.abc, abs=1e-5)
+    res = CliRunner().invoke(app, ["generate", "-m", model, "-n", "2", "--anneal-pos", "5", "--anneal-cap", "0", "--out", str(tmp_path / "bad")])
+    assert res.exit_code != 0 and "anneal_cap must be a number > 0" in res.output and len(res.output.strip().splitlines()) == 1

@@ -256,3 +256,40 @@ def test_sample_cli_guards_its_output_and_inputs(tmp_path):
     assert res.exit_code != 0 and "needs a model trained with a denoiser" in res.output and not (tmp_path / "sde" / "samples.json").exists()
     res = run("-c", "PuC3", "--out", tmp_path / "pu")
     assert res.exit_code == 0 and "PuC3: element(s) C, Pu never appear" in res.output and "4 atoms per cell" in res.output
+
+
+def test_anneal_cap_bounds_each_annealed_step_to_a_fraction_of_the_way_left():
+    from crystalign.geometry import wrap
+    from crystalign.interpolants import time_grid
+    from crystalign.sampling import FieldNet
+
+    gen = tiny_generator()
+    ts = time_grid(12, dtype=torch.float64).tolist()
+    free = gen.sampler(steps=12, anneal_pos=5.0).multipliers(ts)
+    capped = gen.sampler(steps=12, anneal_pos=5.0, anneal_cap=0.5).multipliers(ts)
+    dts = [b - a for a, b in zip(ts, ts[1:])]
+    for k, t in enumerate(ts[:-1]):
+        assert capped["pos"][k] == pytest.approx(min(1.0 + 5.0 * t, 0.5 * (1.0 - t) / dts[k]))
+    assert capped["pos"][0] == free["pos"][0] and capped["pos"][-2] < free["pos"][-2]  # binds late only
+    assert capped["cell"] == free["cell"] == [1.0] * 12  # a field that is not annealed keeps plain Euler steps
+
+    # one step from t0 with a binding cap moves x by c (1 - t0) b: the fraction c of the way to x + (1 - t0) b,
+    # the model's estimate of the final structure on this linear path
+    template = composition_batch(["SrTiO3", "BaZrO3"], 2)
+    x0 = gen.base_sample(template.species, template.n_atoms, generator=torch.Generator().manual_seed(0))
+    t0, t1 = time_grid(2, dtype=torch.float64).tolist()
+    out = gen.sampler(steps=2, anneal_pos=1e6, anneal_cap=0.3).sample(x0)
+    with torch.no_grad():
+        field = FieldNet(gen.net, x0.species, x0.n_atoms)(t0, x0.frac, x0.lattice)
+    assert torch.allclose(out.frac, wrap(x0.frac + 0.3 * (1.0 - t0) * field["pos_b"]), atol=1e-6)
+    assert torch.allclose(out.lattice, x0.lattice + (t1 - t0) * field["cell_b"], atol=1e-6)
+
+    # a cap that never binds is the uncapped sampler; a binding one changes the path
+    same = gen.sample(template, seed=0, steps=8, anneal_pos=5.0, anneal_cap=1e9)
+    assert torch.equal(same.frac, gen.sample(template, seed=0, steps=8, anneal_pos=5.0).frac)
+    assert torch.equal(same.frac, gen.sample(template, seed=0, steps=8, anneal_pos=5.0, anneal_cap=float("inf")).frac)
+    assert gen.sampler(anneal_pos=5.0, anneal_cap=float("inf")).config.anneal_cap is None  # recorded as no cap
+    assert not torch.allclose(same.frac, gen.sample(template, seed=0, steps=8, anneal_pos=5.0, anneal_cap=0.5).frac)
+    for bad in (0.0, -1.0, float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match="anneal_cap must be a number > 0"):
+            gen.sampler(anneal_pos=5.0, anneal_cap=bad)

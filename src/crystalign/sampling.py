@@ -1,7 +1,10 @@
 """Integrators for the learned fields: ODE Euler / Heun, SDE Euler–Maruyama, velocity annealing.
 
 The velocity is scaled either by a constant annealing factor, (1 + s·t)·b, or by a learned schedule
-(:class:`~crystalign.schedule.VelocitySchedule`), [1 + s(t)]·b; never both.
+(:class:`~crystalign.schedule.VelocitySchedule`), [1 + s(t)]·b; never both. ``anneal_cap`` c bounds the factor of
+an annealed field by c·(1 − t)/Δt: on a linear path (1 − t)·b is the way left to the model's estimate of the final
+structure, so a capped step never goes more than the fraction c of that way, where an uncapped (1 + s·t) step
+late in the integration overshoots it.
 
 One network call per step returns every field (pos and cell), unlike the reference which calls the
 network once per field on identical inputs. Edges are built once per batch and reused across steps.
@@ -17,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal, Mapping
 
@@ -34,24 +38,34 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class SamplerConfig:
-    """How to integrate. ``anneal_*`` is the velocity-annealing factor s in (1 + s·t)·b."""
+    """How to integrate. ``anneal_*`` is the velocity-annealing factor s in (1 + s·t)·b; ``anneal_cap`` (None or
+    inf: no cap; inf overrides a model's default cap) bounds the multiplier of every annealed field by c·(1 − t)/Δt, see the module docstring (a field that is
+    not annealed keeps plain Euler steps)."""
 
     steps: int = 50
     method: Literal["euler", "heun", "sde"] = "euler"
     anneal_pos: float = 0.0
     anneal_cell: float = 0.0
+    anneal_cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 2:
             raise ValueError(f"steps must be >= 2 time points, got {self.steps}")
         if self.method not in ("euler", "heun", "sde"):
             raise ValueError(f"method must be 'euler', 'heun' or 'sde', got {self.method!r}")
+        if self.anneal_cap is not None:
+            cap = self.anneal_cap
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or math.isnan(cap) or cap <= 0:
+                raise ValueError(f"anneal_cap must be a number > 0 (the fraction of the way left per step; inf: no cap), got {cap!r}")
+            if math.isinf(cap):
+                self.anneal_cap = None  # inf (a way to lift a model's default cap) is no cap: recorded as null
 
     def follow_policy(self, anneal: Mapping[str, float] | None = None, steps: int | None = None) -> None:
         """Make this the mean path of a velocity-based RL policy: Euler with its rollouts' constant annealing
         (``{"pos": s, "cell": c}``, none by default) at its ``steps`` time points (None: keep these)."""
         anneal = anneal or {}
         self.method, self.anneal_pos, self.anneal_cell = "euler", anneal.get("pos", 0.0), anneal.get("cell", 0.0)
+        self.anneal_cap = None  # RL rollouts anneal without a cap
         if steps is not None:
             self.steps = steps
 
@@ -121,11 +135,21 @@ class Sampler:
             )
 
     def multipliers(self, ts: list[float]) -> dict[str, list[float]]:
-        """Velocity multiplier per field at each time point: 1 + s(t) (schedule) or 1 + s·t (constant annealing)."""
+        """Velocity multiplier per field at each time point: 1 + s(t) (schedule) or 1 + s·t (constant annealing),
+        at most ``anneal_cap``·(1 − t)/Δt for an annealed field (Δt: the step from t; the last point reuses the
+        last step's)."""
         if self.schedule is not None:
-            return self.schedule.multipliers(ts)
-        anneal = {"pos": self.config.anneal_pos, "cell": self.config.anneal_cell}
-        return {f: [1.0 + anneal[f] * t for t in ts] for f in FIELDS}
+            mult = self.schedule.multipliers(ts)
+        else:
+            anneal = {"pos": self.config.anneal_pos, "cell": self.config.anneal_cell}
+            mult = {f: [1.0 + anneal[f] * t for t in ts] for f in FIELDS}
+        cap = self.config.anneal_cap
+        if cap is None:
+            return mult
+        dts = [b - a for a, b in zip(ts, ts[1:])]
+        dts.append(dts[-1])
+        bound = [cap * (1.0 - t) / dt for t, dt in zip(ts, dts)]
+        return {f: [min(m, c) for m, c in zip(ms, bound)] if any(m != 1.0 for m in ms) else ms for f, ms in mult.items()}
 
     @torch.no_grad()
     def sample(

@@ -26,6 +26,10 @@ def generate_cmd(
     ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Integration time points (default: the model's)."),
     method: Optional[str] = typer.Option(None, "--method", help="euler, heun or sde."),
+    anneal_pos: Optional[float] = typer.Option(None, "--anneal-pos", help="Velocity annealing s for positions: (1 + s t) b (default: the model's)."),
+    anneal_cap: Optional[float] = typer.Option(
+        None, "--anneal-cap", help="Cap c of an annealed step: at most the fraction c of the way left to the model's estimate of the final crystal (default: the model's; inf: no cap)."
+    ),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Crystals per network batch."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
@@ -85,7 +89,7 @@ def generate_cmd(
             )
         template = gen.dng_template(n, atoms, seed=seed)
         chosen = elements if elements in (None, "all") else [e.strip() for e in elements.split(",") if e.strip()]
-        overrides = dict(steps=steps, method=method, elements=chosen)
+        overrides = dict(steps=steps, method=method, anneal_pos=anneal_pos, anneal_cap=anneal_cap, elements=chosen)
         gen.sampler(**overrides)  # checks the settings against this model
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))

@@ -100,6 +100,9 @@ def sample_cmd(
     method: Optional[str] = typer.Option(None, "--method", help="euler, heun or sde."),
     anneal_pos: Optional[float] = typer.Option(None, "--anneal-pos", help="Velocity annealing s for positions: (1 + s t) b."),
     anneal_cell: Optional[float] = typer.Option(None, "--anneal-cell", help="Velocity annealing s for the lattice."),
+    anneal_cap: Optional[float] = typer.Option(
+        None, "--anneal-cap", help="Cap c of an annealed step: at most the fraction c of the way left to the model's estimate of the final structure; inf: no cap."
+    ),
     schedule: Optional[Path] = typer.Option(
         None, "--schedule", help="Learned velocity schedule s(t): an RL checkpoint of variant scale for this model (default: the model's own, if it carries one)."
     ),
@@ -156,7 +159,7 @@ def sample_cmd(
             template = ref_batch.repeat_interleave(k)
             template = template.replace(ids=[f"{i // k:06d}_{i % k:03d}" for i in range(template.num_structures)])
         overrides = dict(
-            steps=steps, method=method, anneal_pos=anneal_pos, anneal_cell=anneal_cell,
+            steps=steps, method=method, anneal_pos=anneal_pos, anneal_cell=anneal_cell, anneal_cap=anneal_cap,
             schedule=False if no_schedule else (str(schedule) if schedule is not None else None),
         )
         gen.sampler(**overrides)  # checks the settings against this model (e.g. 'sde' needs a denoiser)
