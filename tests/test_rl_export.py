@@ -82,6 +82,32 @@ def test_annealed_rollouts_follow_the_annealed_base_sampler_and_export_it(tmp_pa
             RLConfig(**{"fields": ["pos"], **bad})
 
 
+def test_capped_annealed_rollouts_follow_the_capped_base_sampler_and_export_it(tmp_path):
+    """With anneal_cap the rollout's annealed steps are capped as the base sampler's: the untrained mean path is the
+    capped sampler (not the uncapped one), and the exported model samples with the cap by default."""
+    from crystalign.rl.config import RLConfig
+
+    gen = tiny_generator()
+    cfg = config(variant="velocity", fields=["pos"], steps=7, anneal={"pos": 20.0}, anneal_cap=0.3)
+    template = composition_batch(["NaCl", "KBr"], 2).to(dtype=torch.float32)
+    untrained, x0 = mean_path(Policy(gen, cfg), gen, template, 7)
+    capped = gen.sampler(steps=7, anneal_pos=20.0, anneal_cap=0.3).sample(x0)
+    uncapped = gen.sampler(steps=7, anneal_pos=20.0).sample(x0)
+    assert torch.allclose(untrained.frac, capped.frac, atol=1e-5) and torch.allclose(untrained.lattice, capped.lattice, atol=1e-4)
+    assert not torch.allclose(untrained.frac, uncapped.frac, atol=1e-3)
+
+    gen, run = _fit(tmp_path, "velocity", ["pos", "cell"], anneal={"pos": 20.0}, anneal_cap=0.3)
+    out = tmp_path / "tuned.pt"
+    res = runner.invoke(app, ["rl", "export", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    sampling = Generator.load(out).config.sampling
+    assert (sampling.anneal_pos, sampling.anneal_cap, sampling.steps) == (20.0, 0.3, 7)
+    _samples_its_mean_path(Generator.load(out), run)
+    with pytest.raises(ValueError, match="anneal_cap must be a number > 0"):
+        RLConfig(fields=["pos"], anneal={"pos": 2.0}, anneal_cap=0.0)
+    assert RLConfig(fields=["pos"], anneal={"pos": 2.0}, anneal_cap=float("inf")).anneal_cap is None
+
+
 def test_only_velocity_runs_export(tmp_path):
     _, run = _fit(tmp_path, "scale", ["pos", "cell"])
     out = tmp_path / "never.pt"

@@ -294,12 +294,12 @@ class Generator(torch.nn.Module):
     @classmethod
     def tuned(
         cls, base: "Generator", net: torch.nn.Module, fields: Sequence[str], base_model: str,
-        anneal: Mapping[str, float] | None = None, steps: int | None = None,
+        anneal: Mapping[str, float] | None = None, steps: int | None = None, anneal_cap: float | None = None,
     ) -> "Generator":
         """An RL-tuned model: the velocities of ``fields`` from ``net`` (the reinforced copy of ``base.net``), every
         other output from ``base``. Its default sampler is Euler with the run's velocity annealing ``anneal``
-        (``{"pos": s}``; none by default) at ``steps`` time points (default: the base's), the mean path of the
-        velocity-based policy.
+        (``{"pos": s}``; none by default) and its ``anneal_cap`` at ``steps`` time points (default: the base's),
+        the mean path of the velocity-based policy.
 
         ``base_model`` is how a saved copy finds its base again: a shipped model name, or a path (relative paths are
         taken from the saved model's folder)."""
@@ -308,7 +308,7 @@ class Generator(torch.nn.Module):
         if base.tuned_from is not None:
             raise ValueError("the base of an RL-tuned model must be a base model, not another RL-tuned model")
         config = from_dict(GeneratorConfig, to_dict(base.config))
-        config.sampling.follow_policy(anneal, steps)
+        config.sampling.follow_policy(anneal, steps, anneal_cap)
         with torch.random.fork_rng(devices=[]):
             gen = cls(config, base.base, coverage=base.coverage)
         gen.net = FieldSplitNet(base.net, net, fields)
@@ -344,6 +344,7 @@ class Generator(torch.nn.Module):
             gen = cls.tuned(
                 _tuned_base(ckpt["tuned_from"], where, folder), gen.net, ckpt["tuned_from"].get("fields") or [], ckpt["tuned_from"]["model"],
                 anneal={"pos": sampling.anneal_pos, "cell": sampling.anneal_cell}, steps=sampling.steps,
+                anneal_cap=sampling.anneal_cap,
             )
         gen.eval()
         return gen

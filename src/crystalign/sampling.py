@@ -60,14 +60,23 @@ class SamplerConfig:
             if math.isinf(cap):
                 self.anneal_cap = None  # inf (a way to lift a model's default cap) is no cap: recorded as null
 
-    def follow_policy(self, anneal: Mapping[str, float] | None = None, steps: int | None = None) -> None:
+    def follow_policy(self, anneal: Mapping[str, float] | None = None, steps: int | None = None, anneal_cap: float | None = None) -> None:
         """Make this the mean path of a velocity-based RL policy: Euler with its rollouts' constant annealing
-        (``{"pos": s, "cell": c}``, none by default) at its ``steps`` time points (None: keep these)."""
+        (``{"pos": s, "cell": c}``, none by default) and cap, at its ``steps`` time points (None: keep these)."""
         anneal = anneal or {}
         self.method, self.anneal_pos, self.anneal_cell = "euler", anneal.get("pos", 0.0), anneal.get("cell", 0.0)
-        self.anneal_cap = None  # RL rollouts anneal without a cap
+        self.anneal_cap = anneal_cap
         if steps is not None:
             self.steps = steps
+
+
+def cap_speed(speed, t, dt, cap: float | None):
+    """A velocity multiplier (float or tensor) bounded by ``cap``·(1 − t)/Δt (None: unbounded); the sampler's and
+    the RL rollouts' one definition of the cap."""
+    if cap is None:
+        return speed
+    bound = cap * (1.0 - t) / dt
+    return torch.minimum(torch.as_tensor(speed, dtype=bound.dtype), bound) if torch.is_tensor(bound) else min(speed, bound)
 
 
 class FieldNet:
@@ -148,8 +157,7 @@ class Sampler:
             return mult
         dts = [b - a for a, b in zip(ts, ts[1:])]
         dts.append(dts[-1])
-        bound = [cap * (1.0 - t) / dt for t, dt in zip(ts, dts)]
-        return {f: [min(m, c) for m, c in zip(ms, bound)] if any(m != 1.0 for m in ms) else ms for f, ms in mult.items()}
+        return {f: [cap_speed(m, t, dt, cap) for m, t, dt in zip(ms, ts, dts)] if any(m != 1.0 for m in ms) else ms for f, ms in mult.items()}
 
     @torch.no_grad()
     def sample(

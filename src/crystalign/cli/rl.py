@@ -472,7 +472,7 @@ def export_cmd(
     if sorted(policy.config.fields) == ["cell", "pos"] and not ref.is_dng:
         ref.net.load_state_dict(policy.net.state_dict())
         ref.schedule = None
-        ref.config.sampling.follow_policy(anneal, policy.config.steps)  # its default sampler is the policy's mean path
+        ref.config.sampling.follow_policy(anneal, policy.config.steps, policy.config.anneal_cap)  # the policy's mean path
         save_torch(out, ref.checkpoint_dict({"provenance": provenance}))
         typer.echo(f"wrote {out} (the network of iteration {state.get('iteration')}, reinforced from model {base_hash})")
         return
@@ -491,7 +491,8 @@ def export_cmd(
         _fail(f"--base {base} has hash {given.model_hash()}, but the run was reinforced from a base with hash {base_hash}")
     if base not in shipped_models():  # a file: found again relative to the exported model's folder
         base = os.path.relpath(Path(base).resolve(), out.resolve().parent)
-    gen = Generator.tuned(ref, policy.net, policy.config.fields, base, anneal=anneal, steps=policy.config.steps)
+    gen = Generator.tuned(ref, policy.net, policy.config.fields, base, anneal=anneal, steps=policy.config.steps,
+                         anneal_cap=policy.config.anneal_cap)
     save_torch(out, gen.checkpoint_dict({"provenance": provenance}))
     typer.echo(
         f"wrote {out} (the {', '.join(policy.config.fields)} velocity of iteration {state.get('iteration')}, the rest "

@@ -87,6 +87,8 @@ class RLConfig:
     #: constant velocity annealing s of each field's rollout steps, (1 + s t) b as the base sampler's
     #: ``anneal_pos``/``anneal_cell`` (velocity variant only): reinforce the policy on the path it will be sampled with
     anneal: dict[str, float] = field(default_factory=dict)
+    #: cap c of an annealed rollout step, at most c (1 - t)/dt times b dt, as the base sampler's ``anneal_cap``
+    anneal_cap: float | None = None
     device: str = "cpu"
     num_threads: int | None = None
 
@@ -128,6 +130,13 @@ class RLConfig:
             require(is_finite_number(s) and s >= 0, f"anneal.{f}", "a finite number >= 0", s)
         if any(self.anneal.values()) and self.variant != "velocity":
             raise ValueError(f"anneal: velocity annealing of the rollouts needs variant 'velocity', not {self.variant!r}")
+        if self.anneal_cap is not None:
+            from crystalign.sampling import SamplerConfig
+
+            try:  # one validation of the cap: the sampler's (inf means no cap)
+                self.anneal_cap = SamplerConfig(anneal_cap=self.anneal_cap).anneal_cap
+            except ValueError as err:
+                raise ValueError(str(err)) from None
         with torch.random.fork_rng(devices=[]):  # a learnable schedule initialises weights: leave the caller's RNG alone
             for f in self.fields:
                 build_noise_schedule(self.noise[f], where=f"noise.{f}")

@@ -62,6 +62,7 @@ from crystalign.geometry import wrap
 from crystalign.ops import randn_on
 from crystalign.rl.scale import ScaleMLP
 from crystalign.rl.schedules import NoiseSchedule, build_noise_schedule
+from crystalign.sampling import cap_speed
 
 if TYPE_CHECKING:  # pragma: no cover
     from crystalign.crystal import CrystalBatch
@@ -241,17 +242,18 @@ class Parametrisation(nn.Module, ABC):
 class Velocity(Parametrisation):
     r"""Velocity RL relative to the base: :math:`\mu_\theta = k(t)(b_\theta - b_\text{ref})\Delta t`,
     :math:`x' = x + k(t)\,b_\text{ref}\Delta t + a`, with speed :math:`k(t) = 1 + s\,t`: the base sampler's
-    constant velocity annealing (``anneal`` = s, 0 for plain Euler), so the policy is reinforced on the path it
-    will be sampled with."""
+    constant velocity annealing (``anneal`` = s, 0 for plain Euler) with its cap (``anneal_cap``, see
+    :func:`crystalign.sampling.cap_speed`), so the policy is reinforced on the path it will be sampled with."""
 
     name = "velocity"
 
-    def __init__(self, anneal: float = 0.0) -> None:
+    def __init__(self, anneal: float = 0.0, anneal_cap: float | None = None) -> None:
         super().__init__()
         self.anneal = float(anneal)
+        self.anneal_cap = anneal_cap
 
     def speed(self, step: Step, field: str) -> torch.Tensor | float:
-        return 1.0 + self.anneal * step.t if self.anneal else 1.0
+        return cap_speed(1.0 + self.anneal * step.t, step.t, step.dt, self.anneal_cap) if self.anneal else 1.0
 
     def _k_dt(self, step: Step, like: torch.Tensor, field: str) -> torch.Tensor:
         return step.per_element(self.speed(step, field) * step.dt, like, field == "pos")
@@ -473,11 +475,13 @@ class GaussianTransition(nn.Module):
         return entropy(sigma, self._expand(step.dt, step, like)).expand_as(like)
 
 
-def euler_step(x: torch.Tensor, b: torch.Tensor, step: Step, field: str, anneal: float = 0.0) -> torch.Tensor:
+def euler_step(
+    x: torch.Tensor, b: torch.Tensor, step: Step, field: str, anneal: float = 0.0, anneal_cap: float | None = None
+) -> torch.Tensor:
     """Noise-free Euler step :math:`x + (1 + s\\,t)\\,b\\,\\Delta t` (wrapped for positions): how a disabled field
-    moves (``anneal`` = s, the base sampler's velocity annealing of the field)."""
+    moves (``anneal`` = s, the base sampler's velocity annealing of the field, bounded by ``anneal_cap``)."""
     _check_field(field)
-    speed_dt = (1.0 + anneal * step.t) * step.dt if anneal else step.dt
+    speed_dt = cap_speed(1.0 + anneal * step.t, step.t, step.dt, anneal_cap) * step.dt if anneal else step.dt
     x_next = x + step.per_element(speed_dt, b, field == "pos") * b
     return wrap(x_next) if field == "pos" else x_next
 
@@ -490,16 +494,17 @@ def make_transition(
     gamma: Callable[[torch.Tensor], torch.Tensor] | Any | None = None,
     scale_model: ScaleMLP | None = None,
     anneal: float = 0.0,
+    anneal_cap: float | None = None,
 ) -> GaussianTransition:
     """Build the transition of one field for ``variant`` in :data:`VARIANTS`.
 
     ``gamma`` (base interpolant's :math:`\\gamma`) is required by ``score``; ``scale_model`` (frozen, pre-learned
-    :math:`s(t)`) by ``scaled_velocity``; ``anneal`` (constant velocity annealing s, speed 1 + s t) is used by
-    ``velocity`` only (:class:`~crystalign.rl.config.RLConfig` refuses it with the others). Noise schedules may be
+    :math:`s(t)`) by ``scaled_velocity``; ``anneal`` (constant velocity annealing s, speed 1 + s t, bounded by
+    ``anneal_cap``) is used by ``velocity`` only (:class:`~crystalign.rl.config.RLConfig` refuses it with the others). Noise schedules may be
     given as config dicts.
     """
     if variant == "velocity":
-        param: Parametrisation = Velocity(anneal)
+        param: Parametrisation = Velocity(anneal, anneal_cap)
     elif variant == "scaled_velocity":
         if scale_model is None:
             raise ValueError("the scaled_velocity variant needs a (pre-learned) scale_model")

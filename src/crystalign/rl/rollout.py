@@ -70,7 +70,7 @@ class Policy(nn.Module):
             {
                 f: make_transition(
                     config.variant, f, config.noise[f], ref_noise.get(f), gamma=gammas.get(f), scale_model=scale_model,
-                    anneal=config.anneal.get(f, 0.0),
+                    anneal=config.anneal.get(f, 0.0), anneal_cap=config.anneal_cap,
                 )
                 for f in config.fields
             }
@@ -162,7 +162,9 @@ def rollout(
                     new[f] = tr.next_state(state[f], action, step, ref[f])
                     actions[f], logps[f] = action, logp
                 else:
-                    new[f] = euler_step(state[f], ref[f].b, step, f, anneal=policy.config.anneal.get(f, 0.0))
+                    new[f] = euler_step(
+                        state[f], ref[f].b, step, f, anneal=policy.config.anneal.get(f, 0.0), anneal_cap=policy.config.anneal_cap
+                    )
             if store:
                 traj.pos.append(pos)
                 traj.cell.append(cell)
