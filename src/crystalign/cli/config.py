@@ -31,7 +31,7 @@ def config_class(kind: str) -> type:
 #: the top-level keys of RLConfig that TrainConfig lacks, written out because importing either config class imports
 #: torch (and lightning), which `config list` must not wait for; tests/test_cli_config.py keeps it equal to the classes'
 RL_ONLY_KEYS = frozenset({
-    "anneal", "clip_eps", "costs", "device", "duplicate_check", "fields", "grad_clip", "group_size", "iterations", "lr",
+    "anneal", "anneal_cap", "clip_eps", "costs", "device", "duplicate_check", "fields", "grad_clip", "group_size", "iterations", "lr",
     "max_atoms_per_backward", "max_invalid_fraction", "minibatch_trajectories", "noise", "normalize_costs", "num_groups",
     "num_threads", "position_normalization", "ppo_epochs", "reference_noise", "reward", "scale_model", "share_x0",
     "steps", "variant",
