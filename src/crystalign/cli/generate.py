@@ -276,6 +276,8 @@ def run_sampling(
     remove_stale_parts(out, recursive=True)  # temporary files of writes that a kill interrupted
     if resume and (partial / "run.json").exists():
         saved = json.loads((partial / "run.json").read_text())
+        if isinstance(saved.get("sampler"), dict):  # runs started before the cap existed sampled without one
+            saved["sampler"].setdefault("anneal_cap", None)
         changed = sorted(key for key in run.keys() | saved.keys() if saved.get(key) != run.get(key))
         if changed:
             raise ValueError(f"--resume: {out} holds an interrupted run with other {', '.join(changed)}; rerun it as it was, or use another --out")
