@@ -39,8 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass
 class SamplerConfig:
     """How to integrate. ``anneal_*`` is the velocity-annealing factor s in (1 + s·t)·b; ``anneal_cap`` (None or
-    inf: no cap; inf overrides a model's default cap) bounds the multiplier of every annealed field by c·(1 − t)/Δt, see the module docstring (a field that is
-    not annealed keeps plain Euler steps)."""
+    inf: no cap; inf overrides a model's default cap) bounds the multiplier of every annealed field by
+    c·(1 − t)/Δt, see the module docstring (a field that is not annealed keeps plain Euler steps)."""
 
     steps: int = 50
     method: Literal["euler", "heun", "sde"] = "euler"

@@ -133,10 +133,7 @@ class RLConfig:
         if self.anneal_cap is not None:
             from crystalign.sampling import SamplerConfig
 
-            try:  # one validation of the cap: the sampler's (inf means no cap)
-                self.anneal_cap = SamplerConfig(anneal_cap=self.anneal_cap).anneal_cap
-            except ValueError as err:
-                raise ValueError(str(err)) from None
+            self.anneal_cap = SamplerConfig(anneal_cap=self.anneal_cap).anneal_cap  # the sampler's check; inf: no cap
         with torch.random.fork_rng(devices=[]):  # a learnable schedule initialises weights: leave the caller's RNG alone
             for f in self.fields:
                 build_noise_schedule(self.noise[f], where=f"noise.{f}")

@@ -253,7 +253,7 @@ class Velocity(Parametrisation):
         self.anneal_cap = anneal_cap
 
     def speed(self, step: Step, field: str) -> torch.Tensor | float:
-        return cap_speed(1.0 + self.anneal * step.t, step.t, step.dt, self.anneal_cap) if self.anneal else 1.0
+        return annealed_speed(step, self.anneal, self.anneal_cap)
 
     def _k_dt(self, step: Step, like: torch.Tensor, field: str) -> torch.Tensor:
         return step.per_element(self.speed(step, field) * step.dt, like, field == "pos")
@@ -475,13 +475,18 @@ class GaussianTransition(nn.Module):
         return entropy(sigma, self._expand(step.dt, step, like)).expand_as(like)
 
 
+def annealed_speed(step: Step, anneal: float, anneal_cap: float | None) -> torch.Tensor | float:
+    """The base sampler's velocity multiplier at ``step``: 1 + s t, capped (1 without annealing)."""
+    return cap_speed(1.0 + anneal * step.t, step.t, step.dt, anneal_cap) if anneal else 1.0
+
+
 def euler_step(
     x: torch.Tensor, b: torch.Tensor, step: Step, field: str, anneal: float = 0.0, anneal_cap: float | None = None
 ) -> torch.Tensor:
     """Noise-free Euler step :math:`x + (1 + s\\,t)\\,b\\,\\Delta t` (wrapped for positions): how a disabled field
     moves (``anneal`` = s, the base sampler's velocity annealing of the field, bounded by ``anneal_cap``)."""
     _check_field(field)
-    speed_dt = cap_speed(1.0 + anneal * step.t, step.t, step.dt, anneal_cap) * step.dt if anneal else step.dt
+    speed_dt = annealed_speed(step, anneal, anneal_cap) * step.dt
     x_next = x + step.per_element(speed_dt, b, field == "pos") * b
     return wrap(x_next) if field == "pos" else x_next
 
