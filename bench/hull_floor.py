@@ -14,6 +14,7 @@ import argparse
 import time
 
 import numpy as np
+from pymatgen.core import Composition
 
 from crystalign.io import write_json
 from crystalign.rewards.hull import ReferenceHull
@@ -28,14 +29,18 @@ def main() -> None:
 
     hull = ReferenceHull.load(args.hull)
     t0 = time.perf_counter()
-    compounds = [e for e in hull.entries if len(e.elements) > 1]
-    e_hull = np.array([hull.e_above_hull(e.composition, e.energy_ev) for e in compounds])
-    e_hull = e_hull[np.isfinite(e_hull)]
+    # (reduced formula, E-hull) of every compound the hull covers
+    scored = [
+        (Composition(e.composition).reduced_formula, hull.e_above_hull(e.composition, e.energy_ev))
+        for e in hull.entries
+        if len(e.elements) > 1
+    ]
+    scored = [(formula, value) for formula, value in scored if np.isfinite(value)]
+    e_hull = np.array([value for _, value in scored])
     # a composition's best polymorph is what a perfect structure search could reach for it
     best: dict[str, float] = {}
-    for e, value in zip(compounds, e_hull):
-        key = "".join(f"{el}{amt:g}" for el, amt in sorted(e.composition.items()))
-        best[key] = min(best.get(key, np.inf), float(value))
+    for formula, value in scored:
+        best[formula] = min(best.get(formula, np.inf), value)
     per_comp = np.array(list(best.values()))
 
     def summary(x: np.ndarray) -> dict:
