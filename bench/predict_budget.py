@@ -13,6 +13,8 @@ Two ways to spend the same number of MLIP energy evaluations before relaxation:
 ``rl_policy_only`` and ``tuned_rl_policy_only`` are the same runs ranking only the base and the final policy's
 candidates (``rank_rollouts=False``), the ablation of that choice. ``rl_novelty`` and ``tuned_rl_novelty`` are (c) and
 (d) with a reward cost of NOVELTY_EV eV/atom for a rollout that repeats a structure already found (``rl_novelty``).
+``tuned_mixed_best_of_n`` is (b) with MIX_BASE of its candidates drawn from the untuned base model (predict's
+``mix_base``): the tuned model's candidates are lower in energy, the base model's reach more basins.
 
 ``--methods`` picks the arms (default: all whose model exists); every arm is compared with (a).
 
@@ -46,7 +48,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 TIE_EV = 1e-3  # |difference| below 1 meV/atom is a tie
-METHODS = ("best_of_n", "rl", "tuned_best_of_n", "tuned_rl", "rl_policy_only", "tuned_rl_policy_only", "rl_novelty", "tuned_rl_novelty")
+METHODS = (
+    "best_of_n", "rl", "tuned_best_of_n", "tuned_rl", "rl_policy_only", "tuned_rl_policy_only", "rl_novelty", "tuned_rl_novelty",
+    "tuned_mixed_best_of_n",
+)
+MIX_BASE = 0.5  # tuned_mixed_best_of_n: the share of its candidates drawn from the untuned base model
 NOVELTY_EV = 0.25  # the rl_novelty arms' cost of a repeated structure (eV/atom)
 DEFAULT_METHODS = METHODS[:4]
 ALLOTROPES = ("diamond", "lonsdaleite", "graphite")
@@ -195,6 +201,7 @@ def run_one(
     # predict's own --budget splits the evaluations: all candidates without RL, else n + RL iterations + n
     options: dict[str, Any] = {"model": model, "seed": query["seed"], "budget": n_equal, "rl_steps": 0 if method.endswith("best_of_n") else rl_steps}
     options["tuned"] = False  # each arm samples the model it names (predict would swap carbon_24 for carbon_24_energy)
+    options["mix_base"] = MIX_BASE if method == "tuned_mixed_best_of_n" else 0.0  # arms fixed, whatever the cards say
     if method.endswith("_policy_only"):
         options["rank_rollouts"] = False
     if method.endswith("_novelty"):

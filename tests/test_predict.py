@@ -108,7 +108,7 @@ def test_a_cell_outside_the_training_range_picks_formula_units_inside_it(tmp_pat
         result = predict("C", model="carbon_24", out=str(tmp_path / "p"), progress=False, n=1, rl_steps=0, steps=4, relax=False)
     assert result.summary["cells"] == ["C6", "C10", "C13", "C17", "C20", "C24"]
     assert all(len(s) >= 6 for s in result.structures)
-    # large carbon cells converge in more FIRE steps than 5-atom ones: the default cap grows with the largest cell
+    # the default cap grows with the largest cell beyond the 400 steps every cell gets
     assert result.summary["relax_steps"] == 20 * 24 and result.summary["options"]["relax_steps"] is None
 
 
@@ -131,6 +131,30 @@ def test_predict_samples_the_rl_tuned_model_where_its_card_says_it_found_lower_e
     assert summary["model_hash"] == Generator.load("carbon_24_energy").model_hash()
     plain = predict("C8", model="carbon_24", tuned=False, out=str(tmp_path / "q"), progress=False, n=2, rl_steps=0, steps=4, relax=False)
     assert plain.summary["model"] == "carbon_24" and plain.summary["model_hash"] == Generator.load("carbon_24").model_hash()
+
+
+def test_mix_base_draws_a_share_of_the_candidates_from_the_untuned_base(tmp_path):
+    """--mix-base 0.5 on perov_5_energy: half the candidates are perov_5's own samples (its default sampler, seed + 1),
+    the rest the tuned model's; a model with no base to mix in, or a share outside [0, 1), is refused."""
+    from crystalign.generator import Generator, composition_batch
+    from crystalign.prediction import _read_extxyz, mixed_counts
+
+    assert mixed_counts(32, 0.5) == (16, 16) and mixed_counts(32, 0.0) == (32, 0) and mixed_counts(2, 0.1) == (1, 1)
+    res = CliRunner().invoke(app, ["predict", "SrTiO3", "-m", "perov_5_energy", "--mix-base", "0.5", "-n", "6", "--steps", "4", "--no-relax", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert "3 candidates per cell from perov_5, the base of perov_5_energy (--mix-base)" in res.output
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["mix_base"] == {"share": 0.5, "model": "perov_5", "n_per_cell": 3} and summary["n_candidates"] == 6
+    candidates = _read_extxyz(tmp_path / "p" / "base.extxyz")
+    template = composition_batch(["SrTiO3"], 3).to(dtype=torch.float32)
+    for model, seed, rows in (("perov_5_energy", 0, slice(0, 15)), ("perov_5", 1, slice(15, 30))):
+        expected = Generator.load(model).sample(template, seed=seed, steps=4)
+        torch.testing.assert_close(candidates.frac[rows].float(), expected.frac.float(), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="model perov_5 was not RL-tuned from a base model"):
+        predict("SrTiO3", model="perov_5", mix_base=0.5, out=str(tmp_path / "q"), progress=False, n=2, relax=False)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match=r"--mix-base must be a share in \[0, 1\), got 1.0"):
+        predict("SrTiO3", model="perov_5_energy", mix_base=1.0, out=str(tmp_path / "r"), progress=False, n=2, relax=False)
 
 
 def test_a_composition_the_model_cannot_cover_is_refused_before_any_work(tmp_path):

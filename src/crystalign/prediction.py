@@ -61,6 +61,10 @@ class PredictOptions:
     #: draw the candidates from the shipped RL-tuned model of a shipped base whose card says it found lower relaxed
     #: energies at an equal MLIP budget (carbon_24 -> carbon_24_energy); False: the model as named
     tuned: bool = True
+    #: share of the candidates drawn from the base model that the sampled model was RL-tuned from (the rest from the
+    #: tuned model): the tuned model's candidates sit lower in energy, the base model's reach more basins. None: the
+    #: tuned model's card (``predict_mix_base``), else 0
+    mix_base: float | None = None
     backend: str = "sevenn"
     mlip_model: str | None = None
     #: fidelity of a multi-fidelity SevenNet model (e.g. PBE or R2SCAN for 7net-mf-0)
@@ -130,6 +134,8 @@ class PredictOptions:
             raise ValueError(f"--rl-novelty must be >= 0 eV/atom, got {self.rl_novelty}")
         if self.rl_novelty and not self.rank_rollouts:
             raise ValueError("--rl-novelty pays RL for new structures among the ranked rollouts: it needs --rank-rollouts")
+        if self.mix_base is not None and not 0 <= self.mix_base < 1:
+            raise ValueError(f"--mix-base must be a share in [0, 1), got {self.mix_base}")
         if self.relax_top < 1:
             raise ValueError(f"--relax-top must be >= 1, got {self.relax_top}")
         if self.relax_steps is not None and self.relax_steps < 0:
@@ -381,15 +387,16 @@ def _relax_record(info: Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
-#: FIRE steps at most per structure for cells of up to 5 atoms; larger cells get RELAX_STEPS_PER_ATOM per atom
-RELAX_STEPS_MIN = 100
+#: FIRE steps at most per structure for cells of up to 20 atoms; larger cells get RELAX_STEPS_PER_ATOM per atom
+RELAX_STEPS_MIN = 400
 RELAX_STEPS_PER_ATOM = 20
 
 
 def default_relax_steps(max_atoms: int) -> int:
-    """The relaxation cap when none is given. Generated C16 cells need about 300 FIRE steps to reach 0.05 eV/Å: at
-    100, 13 of the 16 relaxed in an equal-budget run had not converged and could not be ranked, and 200 more steps
-    converged 12 of them (BENCHMARKS.md); the 5-atom perov_5 cells keep the 100 they converge in."""
+    """The relaxation cap when none is given. Small cells do not relax faster: the distinct candidates of 5-atom
+    perov_5 queries need 3–372 FIRE steps to reach 0.05 eV/Å with the cell (median about 105), so a cap of 100 left
+    half of them unconverged and unranked, and 400 converges 96 %; generated C16 cells need about 300 (BENCHMARKS.md). Only structures that
+    have not converged use the whole cap."""
     return max(RELAX_STEPS_MIN, RELAX_STEPS_PER_ATOM * int(max_atoms))
 
 
@@ -450,22 +457,38 @@ def untrusted_reasons(structures: list, energies: np.ndarray, relax_records: lis
 
 
 # ---------------------------------------------------------------------- the pipeline
+def _card(model: str) -> dict[str, Any]:
+    """The model card of a shipped model ({} for a checkpoint path or a model without one)."""
+    from crystalign.generator import pretrained_dir
+
+    path = pretrained_dir() / f"{model}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def candidate_model(model: str) -> str:
     """The model whose candidates `predict` ranks for ``model``: for a shipped base model, its shipped RL-tuned model
     if that model's card sets ``predict_replaces_base`` (it found lower relaxed energies than its base at an equal MLIP
     budget, BENCHMARKS.md) and was tuned from this very base (same hash); otherwise ``model`` itself."""
     from crystalign.generator import pretrained_dir
 
-    base_card = pretrained_dir() / f"{model}.json"
-    if not base_card.exists():  # a checkpoint path, or a shipped model without a card
+    base_card = _card(model)
+    if not base_card:  # a checkpoint path, or a shipped model without a card
         return model
-    base_hash = json.loads(base_card.read_text()).get("model_hash")
+    base_hash = base_card.get("model_hash")
     for card_path in sorted(pretrained_dir().glob("*.json")):
         card = json.loads(card_path.read_text())
         tuned_from = card.get("tuned_from") or {}
         if card.get("predict_replaces_base") and tuned_from.get("model") == model and tuned_from.get("hash") == base_hash:
             return card_path.stem
     return model
+
+
+def mixed_counts(n: int, share: float) -> tuple[int, int]:
+    """(from the sampled model, from its base) for ``n`` candidates of one cell, ``share`` of them from the base."""
+    n_base = int(round(n * share))
+    if share > 0 and n >= 2:
+        n_base = min(max(n_base, 1), n - 1)  # a mix asked for is a mix: at least one candidate from each
+    return n - n_base, n_base
 
 
 def default_out_dir(composition: str) -> Path:
@@ -499,6 +522,9 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         sampled_model = candidate_model(opts.model) if opts.tuned else opts.model
         gen = Generator.load(sampled_model).to(opts.device)
         gen.check_csp("`predict`")
+        mix_base = opts.mix_base if opts.mix_base is not None else float(_card(sampled_model).get("predict_mix_base", 0.0))
+        if mix_base > 0 and gen.tuned_from is None:
+            raise ValueError(f"--mix-base {mix_base}: model {sampled_model} was not RL-tuned from a base model, so there is no base to mix in")
         cells, size_note = _cells_inside_coverage(opts, gen.coverage)
         opts = opts.within_budget(len(cells))
         cell_species = [parse_composition(cell, max_atoms=gen.config.max_atoms) for cell in cells]
@@ -520,7 +546,8 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     for w in warns:
         warnings.warn(w, CoverageWarning, stacklevel=2)
     reward = EnergyReward(backend)
-    template = composition_batch(cells, opts.n, max_atoms=gen.config.max_atoms)
+    n_sampled, n_mixed = mixed_counts(opts.n, mix_base)
+    template = composition_batch(cells, n_sampled, max_atoms=gen.config.max_atoms)
     base_sampler = gen.sampler(steps=opts.steps, schedule=opts.schedule)
     relax_steps = opts.relax_steps if opts.relax_steps is not None else default_relax_steps(int(template.n_atoms.max()))
     summary: dict[str, Any] = {
@@ -534,6 +561,7 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
         "mlip": dict(backend.identity),
         "seed": opts.seed,
         "n": opts.n,
+        "mix_base": {"share": mix_base, "model": gen.tuned_from["model"], "n_per_cell": n_mixed} if n_mixed else None,
         "steps": base_sampler.config.steps,
         "schedule": base_sampler.schedule.record() if base_sampler.schedule is not None else None,
         "rl_steps": opts.rl_steps,
@@ -554,6 +582,14 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     base_path = out / "base.extxyz"
     if not stages.done("base"):
         base = gen.sample(template.to(dtype=torch.float32), seed=opts.seed, steps=base_sampler.config.steps, schedule=opts.schedule)
+        if n_mixed:  # the untuned base's share, with the same sampler options
+            untuned = Generator.load(gen.tuned_from["model"]).to(opts.device)
+            untuned_steps = untuned.sampler(steps=opts.steps, schedule=opts.schedule).config.steps
+            mixed = untuned.sample(
+                composition_batch(cells, n_mixed, max_atoms=gen.config.max_atoms).to(dtype=torch.float32),
+                seed=opts.seed + 1, steps=untuned_steps, schedule=opts.schedule,
+            )
+            base = CrystalBatch.cat([base.to("cpu"), mixed.to("cpu")])
         _write_extxyz(base_path, base)
         stages.mark("base")
     base = _read_extxyz(base_path)
@@ -581,7 +617,12 @@ def predict(composition: str = DEFAULT_COMPOSITION, progress: bool = True, **opt
     seconds["rl"], t_stage = time.time() - t_stage, time.time()
     rollouts = _read_rollouts(out / "rl_rollouts", opts.rl_steps) if opts.rl_steps > 0 and opts.rank_rollouts else []
     # (source, structures, energy per atom, valid) of every scored candidate; the source says where a winner came from
-    parts = [("base", base, base_result.info["energy_per_atom_ev"], base_result.info["valid"]), *rollouts]
+    base_energy_t, base_valid = base_result.info["energy_per_atom_ev"], base_result.info["valid"]
+    k = base.num_structures - n_mixed * len(cells)  # the sampled model's candidates come first, the base's after
+    parts = [("base", base[torch.arange(k)], base_energy_t[:k], base_valid[:k])]
+    if n_mixed:
+        parts.append((f"untuned base ({gen.tuned_from['model']})", base[torch.arange(k, base.num_structures)], base_energy_t[k:], base_valid[k:]))
+    parts += rollouts
     if opts.rl_steps > 0 and rl_stopped is None:
         rl_path = out / "rl_samples.extxyz"
         if not stages.done("rl_samples"):

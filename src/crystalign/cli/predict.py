@@ -56,13 +56,18 @@ def predict_cmd(
         help="For a shipped base model whose RL-tuned model found lower relaxed energies at an equal MLIP budget "
         "(carbon_24 -> carbon_24_energy; `crystalign models`), draw the candidates from the tuned model.",
     ),
+    mix_base: Optional[float] = typer.Option(
+        None, "--mix-base",
+        help="Share of the candidates drawn from the base model the sampled model was RL-tuned from, the rest from the "
+        "tuned model [default: the tuned model's card, else 0].",
+    ),
     rank_rollouts: bool = typer.Option(
         True, "--rank-rollouts/--no-rank-rollouts",
         help="Rank every structure RL's reward scored (its rollouts) with the candidates; they cost no extra MLIP evaluation.",
     ),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax candidates with the MLIP (ASE FIRE, bounded steps)."),
     relax_steps: Optional[int] = typer.Option(
-        None, "--relax-steps", help="Maximum FIRE steps per structure [default: 100, or 20 per atom of the largest cell if more].",
+        None, "--relax-steps", help="Maximum FIRE steps per structure [default: 400, or 20 per atom of the largest cell if more].",
     ),
     relax_top: int = typer.Option(16, "--relax-top", help="Relax only this many lowest-energy distinct candidates (copies of one structure relax into one minimum)."),
     formula_units: str = typer.Option(
@@ -110,7 +115,7 @@ def predict_cmd(
         warnings.simplefilter("always", PredictWarning)
         try:
             result = predict(
-                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, rank_rollouts=rank_rollouts, rl_novelty=rl_novelty, tuned=tuned, budget=budget, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
+                composition, n=n, model=model, backend=backend, mlip_model=mlip_model, mlip_modal=modal, rl_steps=rl_steps, rank_rollouts=rank_rollouts, rl_novelty=rl_novelty, tuned=tuned, mix_base=mix_base, budget=budget, relax=relax, relax_steps=relax_steps, relax_top=relax_top,
                 steps=steps, schedule=not no_schedule, formula_units=formula_units, force=force, out=str(out) if out else "", resume=resume, seed=seed, device=device,
                 progress=True,
             )
@@ -140,6 +145,8 @@ def predict_cmd(
     symprec = s.get("symprec")
     if s.get("requested_model") and s["model"] != s["requested_model"]:
         typer.echo(f"candidates from {s['model']}, the RL-tuned model of {s['requested_model']} (--no-tuned: {s['requested_model']} itself)")
+    if s.get("mix_base"):
+        typer.echo(f"{s['mix_base']['n_per_cell']} candidates per cell from {s['mix_base']['model']}, the base of {s['model']} (--mix-base)")
     typer.echo(
         f"\n{cells}: {s['n_unique']} unique trusted candidates of {s['n_candidates']} (best {s['best_energy_per_atom_ev']:.4f} eV/atom"
         + (f"; space groups at {symprec:g} Å)" if symprec else ")")
