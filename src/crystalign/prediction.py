@@ -395,8 +395,8 @@ RELAX_STEPS_PER_ATOM = 20
 def default_relax_steps(max_atoms: int) -> int:
     """The relaxation cap when none is given. Small cells do not relax faster: the distinct candidates of 5-atom
     perov_5 queries need 3–372 FIRE steps to reach 0.05 eV/Å with the cell (median about 105), so a cap of 100 left
-    half of them unconverged and unranked, and 400 converges 96 %; generated C16 cells need about 300 (BENCHMARKS.md). Only structures that
-    have not converged use the whole cap."""
+    half of them unconverged and unranked, and 400 converges 96 %; generated C16 cells need about 300
+    (BENCHMARKS.md). Only structures that have not converged use the whole cap."""
     return max(RELAX_STEPS_MIN, RELAX_STEPS_PER_ATOM * int(max_atoms))
 
 
